@@ -1,0 +1,45 @@
+"""fxeq: scale equalization for multi-level feature fusion, as a graph pass.
+
+Segmentation decoders upsample branch features, concatenate them and fuse
+them with a conv. Bilinear upsampling shrinks variance, so the branches reach
+the conv on different scales. fxeq standardizes each concatenation input with
+its calibration mean and std (Kim & Kim, TMLR 2024) and folds that into the
+fusing conv's weights: the deployed graph is the original one.
+
+The package layout is the pipeline: :mod:`fxeq.capture` → :mod:`fxeq.sites`
+(find) → :mod:`fxeq.observe` → :mod:`fxeq.calibrate` → :mod:`fxeq.rewrite`,
+with :mod:`fxeq.report` describing the outcome and :mod:`fxeq.pipeline`
+running it all.
+
+Example:
+    >>> import torch, torchvision, fxeq
+    >>> net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+    ...     weights=None, weights_backbone=None)
+    >>> deployed = fxeq.transform(net, [torch.randn(2, 3, 64, 64)])
+    >>> len(deployed.fxeq_report.search.sites)
+    1
+"""
+
+from .capture import capture
+from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError
+from .pipeline import Prepared, calibrate, convert, find, prepare, transform
+from .report import Report
+from .sites import find_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyEqualizedError",
+    "CalibrationError",
+    "CaptureError",
+    "FxEqError",
+    "Prepared",
+    "Report",
+    "calibrate",
+    "capture",
+    "convert",
+    "find",
+    "find_sites",
+    "prepare",
+    "transform",
+]

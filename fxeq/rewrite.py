@@ -1,0 +1,203 @@
+"""Rewrite: fold the scale equalizer into the fusing convs' weights.
+
+The equalizer standardizes each concatenation input i with scalars mu_i and
+sigma_i. Because a conv reads the concatenation, it folds into that conv::
+
+    before:  cat(x_1..x_K) ── (x - mu) / sigma ── conv(W, b)
+    after:   cat(x_1..x_K) ── conv(W', b')       (the original graph)
+
+    W'[:, slice_i] = W[:, slice_i] / sigma_i
+    b'             = b - sum_i sum_kernel(W'[:, slice_i]) * mu_i
+
+The scale part is exact, for grouped and depthwise convs too. The mean part is
+exact wherever the conv does not read zero padding. A conv without a bias
+gets none (that would change state_dict keys), so its mean is not folded.
+
+All arithmetic is float64 and the result is cast back to each parameter's
+dtype. Writing is transactional: :func:`write_parameters` validates every new
+tensor before it changes any parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import AlreadyEqualizedError, FxEqError
+from .sites import FusingConv, Site
+
+__all__ = ["check_not_folded", "fold", "fold_site", "write_parameters"]
+
+_MARK = "_fxeq_folded"
+
+
+def fold(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold per-input-channel standardization into a conv's weight and bias.
+
+    Args:
+        weight: conv weight, ``(out, in / groups, *kernel)``.
+        bias: conv bias ``(out,)`` or None (then the mean is not folded).
+        mean: per-input-channel mean to subtract, ``(in,)``.
+        std: per-input-channel std to divide by, ``(in,)``.
+        groups: conv groups. Default: 1.
+
+    Returns:
+        ``(new_weight, new_bias)`` in the parameters' dtypes; ``conv(x, W', b')``
+        equals ``conv((x - mean) / std, W, b)`` wherever no zero padding is read.
+
+    Example:
+        >>> w, b = torch.ones(1, 2, 1, 1), torch.zeros(1)
+        >>> w2, b2 = fold(w, b, torch.tensor([1.0, 0.0]), torch.tensor([2.0, 4.0]))
+        >>> w2.flatten().tolist(), b2.tolist()
+        ([0.5, 0.25], [-0.5])
+    """
+    out_channels, per_group = weight.shape[:2]
+    if per_group * groups != mean.numel() or mean.shape != std.shape:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} with groups={groups} reads {per_group * groups} channels, "
+            f"but mean has {mean.numel()} and std has {std.numel()}"
+        )
+    # Input channel c sits in group c // per_group at column c % per_group; output
+    # channel o only reads its own group's columns.
+    rows = out_channels // groups
+    inv = (1.0 / std.double()).reshape(groups, per_group).repeat_interleave(rows, dim=0)
+    mu = mean.double().reshape(groups, per_group).repeat_interleave(rows, dim=0)
+    kernel_dims = (1,) * (weight.dim() - 2)
+    new_weight = weight.double() * inv.reshape(out_channels, per_group, *kernel_dims)
+    if bias is None:
+        return new_weight.to(weight.dtype), None
+    summed = new_weight.flatten(2).sum(-1)
+    new_bias = bias.double() - (summed * mu).sum(1)
+    return new_weight.to(weight.dtype), new_bias.to(bias.dtype)
+
+
+def fold_site(
+    site: Site,
+    mean: Mapping[int, float],
+    std: Mapping[int, float],
+    parameters: Mapping[str, torch.Tensor],
+    *,
+    min_std: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """New tensors for every fusing-conv parameter of one site.
+
+    Args:
+        site: the site.
+        mean: per input index, the observed mean.
+        std: per input index, the observed std.
+        parameters: current tensors by parameter name (at least the site's).
+        min_std: smallest std accepted. Default: 1e-6.
+
+    Returns:
+        New tensor per parameter name (weights, and biases where present).
+
+    Raises:
+        FxEqError: a statistic is not finite or a std is below ``min_std``, or
+            the folded weights overflow their dtype. Nothing is modified.
+    """
+    for inp in site.inputs:
+        m, s = mean[inp.index], std[inp.index]
+        if not (torch.isfinite(torch.tensor([m, s])).all() and s >= min_std):
+            raise FxEqError(
+                f"site {site.name!r} (conv {_owner(site.convs[0].weight)}), input {inp.index} "
+                f"(node {inp.node!r}, channels {inp.channels[0]}:{inp.channels[1]}, from {inp.producer}): "
+                f"expected a finite mean and a std of at least {min_std:g}, found mean={m:.6g}, std={s:.6g}. "
+                "Check the calibration data for NaN/Inf and that this branch is not constant "
+                "(e.g. all-zero after ReLU); nothing was modified."
+            )
+    device = parameters[site.convs[0].weight].device
+    mean_vec = torch.zeros(site.channels, dtype=torch.float64, device=device)
+    std_vec = torch.ones(site.channels, dtype=torch.float64, device=device)
+    for inp in site.inputs:
+        mean_vec[inp.channels[0]:inp.channels[1]] = mean[inp.index]
+        std_vec[inp.channels[0]:inp.channels[1]] = std[inp.index]
+    new: dict[str, torch.Tensor] = {}
+    for conv in site.convs:
+        weight, bias = fold(
+            parameters[conv.weight], parameters[conv.bias] if conv.bias else None, mean_vec, std_vec, conv.groups
+        )
+        new[conv.weight] = weight
+        if conv.bias is not None and bias is not None:
+            new[conv.bias] = bias
+    for name, tensor in new.items():
+        if not torch.isfinite(tensor).all():
+            raise FxEqError(
+                f"site {site.name!r}: folding into {name} overflows {tensor.dtype} "
+                f"(std as small as {min(std.values()):.3g}). Calibrate in a wider dtype or raise min_std; "
+                "nothing was modified."
+            )
+    return new
+
+
+def check_not_folded(modules: Iterable[nn.Module], convs: Iterable[FusingConv]) -> None:
+    """Refuse to rescale a conv that fxeq already rescaled.
+
+    The fold leaves the concatenation's inputs as they were, so a second run
+    would measure the same statistics and divide the weights again.
+
+    Raises:
+        AlreadyEqualizedError: naming the conv.
+    """
+    for conv in convs:
+        for module in modules:
+            owner, local = _resolve_owner(module, conv.weight)
+            if owner is not None and local in getattr(owner, _MARK, {}):
+                raise AlreadyEqualizedError(
+                    f"conv {_owner(conv.weight)} was already rescaled by fxeq (site "
+                    f"{getattr(owner, _MARK)[local]!r}); rescaling again would divide its weight twice. "
+                    "Use the model as it is, or start again from the original checkpoint."
+                )
+
+
+def write_parameters(
+    modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor], sites: Mapping[str, str]
+) -> None:
+    """Copy new tensors into the named parameters of each module, then mark them.
+
+    Every name is resolved in every module before anything is written; a module
+    that does not hold a name is skipped. Parameters shared between modules are
+    written once.
+
+    Args:
+        modules: the modules whose parameters are rewritten.
+        new: new tensor per qualified parameter name.
+        sites: per weight name, the site it belongs to (recorded in the mark).
+    """
+    targets: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    marks: list[tuple[nn.Module, str, str]] = []
+    for module in modules:
+        for name, tensor in new.items():
+            owner, local = _resolve_owner(module, name)
+            param = getattr(owner, local, None) if owner is not None else None
+            if owner is None or not isinstance(param, nn.Parameter):
+                continue
+            if param.shape != tensor.shape:
+                raise FxEqError(f"parameter {name} has shape {tuple(param.shape)}, expected {tuple(tensor.shape)}")
+            targets[id(param)] = (param, tensor)
+            if name in sites:
+                marks.append((owner, local, sites[name]))
+    with torch.no_grad():
+        for param, tensor in targets.values():
+            param.copy_(tensor)
+    for owner, local, site in marks:
+        owner.__dict__.setdefault(_MARK, {})[local] = site
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _resolve_owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    prefix, _, local = name.rpartition(".")
+    try:
+        return (module.get_submodule(prefix) if prefix else module), local
+    except AttributeError:
+        return None, local

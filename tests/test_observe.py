@@ -1,0 +1,107 @@
+"""ScaleObserver and the calibration graph: statistics against float64, BN semantics, no side effects."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fxeq.calibrate import merge_across_ranks
+from fxeq.capture import capture
+from fxeq.observe import ScaleObserver, insert_observers
+from fxeq.sites import find_sites
+
+from models import BNHead
+
+
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6),
+    offset=st.sampled_from([0.0, 1.0, 1e4]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_observer_matches_float64_reference(sizes, offset, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [(torch.randn(n, 3, generator=g) * 0.5 + offset).to(dtype) for n in sizes]
+    observer = ScaleObserver()
+    for p in parts:
+        assert observer(p) is p
+    everything = torch.cat([p.double() for p in parts])
+    assert observer.count.item() == everything.numel()
+    assert observer.samples == sum(sizes)
+    torch.testing.assert_close(observer.mean.item(), everything.mean().item(), rtol=1e-6, atol=1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(observer.std().item(), everything.std(unbiased=False).item(), rtol=tol, atol=1e-6)
+
+
+def test_large_mean_keeps_a_positive_exact_variance():
+    """A float32 sum / sum-of-squares gives a negative variance here; Chan's merge does not."""
+    observer = ScaleObserver()
+    g = torch.Generator().manual_seed(0)
+    data = [1e4 + torch.randn(64, 8, 8, 8, generator=g) for _ in range(8)]
+    for x in data:
+        observer(x)
+    naive = sum((x.sum() for x in data), torch.tensor(0.0))
+    naive_sq = sum(((x * x).sum() for x in data), torch.tensor(0.0))
+    n = sum(x.numel() for x in data)
+    reference = torch.cat([x.double().flatten() for x in data]).std(unbiased=False).item()
+    assert abs((naive_sq / n - (naive / n) ** 2).item() - reference**2) > 0.5, "the naive float32 way is wrong here"
+    assert abs(observer.std().item() - reference) < 1e-3
+
+
+def test_disabled_observer_and_reset():
+    observer = ScaleObserver()
+    observer.enabled = False
+    observer(torch.ones(3))
+    assert observer.count.item() == 0
+    observer.enabled = True
+    observer(torch.ones(3))
+    observer.reset()
+    assert observer.count.item() == 0 and observer.samples == 0
+
+
+def test_merge_across_ranks_is_a_no_op_without_distributed():
+    observer = ScaleObserver()
+    observer(torch.arange(4.0))
+    merge_across_ranks([observer])
+    assert observer.count.item() == 4 and observer.mean.item() == 1.5
+
+
+def test_calibration_graph_uses_batch_statistics_and_leaves_the_model_alone():
+    model = BNHead()
+    x = torch.randn(4, 3, 16, 16)
+    gm = capture(model, (x,)).module
+    nodes = [(n.op, str(n.target)) for n in gm.graph.nodes]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    observed = insert_observers(gm, find_sites(gm))
+    assert [(n.op, str(n.target)) for n in gm.graph.nodes] == nodes
+    observed.module.eval()
+    with torch.no_grad():
+        got = observed.module(x)
+        reference = copy.deepcopy(model).eval()
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+        expected = reference(x)
+    torch.testing.assert_close(got, expected)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert [int(o.count) for o in observed.observers.values()] == [4 * 4 * 16 * 16, 4 * 6 * 16 * 16]
+
+
+def test_export_calibration_graph_uses_batch_statistics():
+    model = BNHead()
+    x = torch.randn(4, 3, 16, 16)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = capture(model, (x,), frontend="export").module
+    observed = insert_observers(gm, find_sites(gm))
+    reference = copy.deepcopy(model).eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        torch.testing.assert_close(observed.module(x), reference(x))
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())

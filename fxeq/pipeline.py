@@ -35,7 +35,8 @@ from .capture import Captured, Frontend, capture, eval_mode, unwrap
 from .errors import CalibrationError, FxEqError
 from .observe import Observed, insert_observers
 from .report import Report
-from .rewrite import check_not_folded, fold_site, write_parameters
+from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
+from .rewrite import check_not_folded, fold_site, mark_folded, site_vectors, write_parameters
 from .sites import Site, SiteSearch, find_sites
 
 __all__ = ["Prepared", "calibrate", "convert", "find", "prepare", "transform"]
@@ -225,26 +226,70 @@ def _calibrate_generations(
                 observed.use_weights(conv.weight, current[conv.weight], current.get(conv.bias or ""))
 
 
-def convert(prepared: Prepared) -> fx.GraphModule:
-    """Write the folded weights; return the deployable graph.
+def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> fx.GraphModule:
+    """Put the measured equalizer into the model; return the deployable graph.
 
-    The returned GraphModule has exactly the captured graph's nodes, the
-    original parameter names and the new weights, and is in eval mode. Its
-    :class:`~fxeq.report.Report` is at ``.fxeq_report``. With ``inplace=True``
-    the user's model holds the new weights as well.
+    Args:
+        prepared: calibrated by :func:`calibrate`.
+        mode: ``"init"`` folds into the weights (the paper's initializer);
+            ``"reparam"`` parametrizes each fusing conv's weight as
+            ``W_raw * (1 / sigma)``; ``"explicit"`` inserts ``(x - mu) / sigma``
+            before each fusing conv. See :mod:`fxeq.modes`. Default: ``"init"``.
+        keep_norm: with ``"init"``, restore each fusing conv's per-output-channel
+            weight norm after the fold. Applied only where a batch norm follows
+            the conv; the report says where it was refused. Default: False.
+
+    Returns:
+        The captured GraphModule, in eval mode unless it shares modules with
+        an ``inplace=True`` model, with its :class:`~fxeq.report.Report` at
+        ``.fxeq_report``. In ``"init"`` mode its graph is exactly the captured
+        one. With ``inplace=True`` the user's model holds the same equalizer.
 
     Raises:
+        ValueError: unknown mode, or ``keep_norm`` outside ``"init"``.
         FxEqError: :func:`calibrate` has not run.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if keep_norm and mode != "init":
+        raise ValueError(f"keep_norm applies to mode='init' only, got mode={mode!r}")
     if prepared.search.sites and not prepared.stats:
         raise FxEqError("convert() needs calibration statistics; call fxeq.calibrate(prepared, loader) first")
-    weight_sites = {conv.weight: site.name for site in prepared.search.sites for conv in site.convs}
-    write_parameters((prepared.captured.module, prepared.model), prepared.new_parameters, weight_sites)
     module = prepared.captured.module
+    targets = (module, prepared.model)
+    notes: dict[str, list[str]] = {}
+    new = dict(prepared.new_parameters)
+    for site in prepared.search.sites:
+        mean, std = site_vectors(
+            site,
+            {i.index: prepared.stats[site.name, i.index].mean for i in site.inputs},
+            {i.index: prepared.stats[site.name, i.index].std for i in site.inputs},
+        )
+        for conv in site.convs:
+            if keep_norm and conv.batch_norm is None:
+                notes.setdefault(conv.weight, []).append(
+                    "keep_norm refused: no batch norm reads this conv, so its output depends on the weight norm"
+                )
+            elif keep_norm:
+                original = module.get_parameter(conv.weight)
+                new[conv.weight], bias = keep_norms(conv, original, new[conv.weight], new.get(conv.bias or ""))
+                if conv.bias is not None and bias is not None:
+                    new[conv.bias] = bias
+                notes.setdefault(conv.weight, []).append("keep_norm: per-output-channel weight norms restored")
+            if mode == "reparam":
+                del new[conv.weight]
+                register_reparam(targets, conv, std)
+            elif mode == "explicit":
+                new.pop(conv.weight), new.pop(conv.bias or "", None)
+                inplace_model = prepared.model if prepared.model is prepared.original else None
+                register_explicit(module, inplace_model, conv, mean, std)
+    write_parameters(targets, new)
+    mark_folded(targets, {conv.weight: site.name for site in prepared.search.sites for conv in site.convs})
     if prepared.model is not prepared.original:
         module.eval()
     module.fxeq_report = Report(  # type: ignore[assignment]
-        prepared.search, prepared.captured.frontend, dict(prepared.stats), folded=bool(prepared.search.sites)
+        prepared.search, prepared.captured.frontend, dict(prepared.stats),
+        folded=bool(prepared.search.sites), mode=mode, notes=notes,
     )
     return module
 
@@ -260,6 +305,8 @@ def transform(
     input_fn: InputFn | None = None,
     progress: bool = False,
     min_std: float = 1e-6,
+    mode: Mode = "init",
+    keep_norm: bool = False,
 ) -> fx.GraphModule:
     """Equalize the scales of every multi-level fusion in ``model``.
 
@@ -281,6 +328,10 @@ def transform(
         input_fn: batch → input tensor(s). Default: None.
         progress: show a progress bar. Default: False.
         min_std: smallest accepted input std. Default: 1e-6.
+        mode: ``"init"``, ``"reparam"`` or ``"explicit"``; see :func:`convert`
+            and :mod:`fxeq.modes`. Default: ``"init"`` (as in the paper).
+        keep_norm: with ``"init"``, restore per-output-channel weight norms
+            where a batch norm follows. Default: False.
 
     Returns:
         The deployable GraphModule in eval mode, with its report at ``.fxeq_report``.
@@ -299,6 +350,8 @@ def transform(
         >>> [s.convs[0].weight for s in deployed.fxeq_report.search.sites]
         ['classifier.0.project.0.weight']
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if iter(calib_loader) is calib_loader:
         raise TypeError(
             "calib_loader must be re-iterable (a DataLoader, a list of batches...), not a one-shot "
@@ -327,7 +380,7 @@ def transform(
         return convert(prepared)
     calibrate(prepared, calib_loader, num_batches=num_batches, input_fn=input_fn,
               progress=progress, min_std=min_std)
-    return convert(prepared)
+    return convert(prepared, mode=mode, keep_norm=keep_norm)
 
 
 def _as_tuple(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -29,12 +29,16 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "fxeq": __version__}
 
 
-def conv_notes(conv: FusingConv, folded: bool) -> list[str]:
-    """Caveats of the fold for one conv."""
+def conv_notes(conv: FusingConv, mode: str = "init") -> list[str]:
+    """Caveats of the equalizer at one conv, for a mode."""
+    if mode == "explicit":
+        return ["explicit (x - mu) / sigma before this conv; fxeq.finalize bakes it into the weights"]
     notes = []
+    if mode == "reparam":
+        notes.append("weight parametrized as W_raw * (1 / sigma); fxeq.finalize bakes it in")
     if conv.bias is None:
         notes.append("no bias: the mean was not folded (adding a bias would change state_dict keys)")
-    elif conv.padded and folded:
+    elif conv.padded:
         notes.append("mean fold is exact away from zero-padded borders only")
     if conv.followed_by_norm and conv.bias is not None:
         notes.append("a normalization follows: the mean fold has no effect in training")
@@ -50,7 +54,9 @@ class Report:
         frontend: ``"fx"`` or ``"export"``.
         stats: per (site, input index), the calibration statistics (empty
             before calibration).
-        folded: whether the weights were rewritten.
+        folded: whether the equalizer was put into the model.
+        mode: how: ``"init"``, ``"reparam"`` or ``"explicit"``.
+        notes: per fusing-conv weight name, remarks added by the rewrite.
         extra: free-form fields added by callers (e.g. the CLI's command line).
 
     Example:
@@ -63,12 +69,17 @@ class Report:
     frontend: str
     stats: Mapping[tuple[str, int], InputStats] = field(default_factory=dict)
     folded: bool = False
+    mode: str = "init"
+    notes: dict[str, list[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def disequilibrium(self, site: Site) -> float | None:
         """Largest over smallest input std at a site, or None before calibration."""
         stds = [self.stats[site.name, i.index].std for i in site.inputs if (site.name, i.index) in self.stats]
         return max(stds) / min(stds) if stds and min(stds) > 0 else None
+
+    def _conv_notes(self, conv: FusingConv) -> list[str]:
+        return (conv_notes(conv, self.mode) if self.folded else []) + self.notes.get(conv.weight, [])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict."""
@@ -90,7 +101,7 @@ class Report:
                     "node": c.node, "weight": c.weight, "bias": c.bias, "groups": c.groups,
                     "padded": c.padded, "followed_by_norm": c.followed_by_norm,
                     "folded_scale": self.folded, "folded_mean": self.folded and c.bias is not None,
-                    "notes": conv_notes(c, self.folded),
+                    "notes": self._conv_notes(c),
                 }
                 for c in site.convs
             ]
@@ -99,7 +110,7 @@ class Report:
                 "disequilibrium": self.disequilibrium(site), "notes": list(site.notes),
             })
         return {
-            "frontend": self.frontend, "folded": self.folded, "sites": sites,
+            "frontend": self.frontend, "folded": self.folded, "mode": self.mode, "sites": sites,
             "skipped": [{"node": s.node, "reason": s.reason} for s in self.search.skipped],
             "versions": versions(), **self.extra,
         }
@@ -110,7 +121,7 @@ class Report:
 
     def table(self) -> str:
         """The report as a plain-text table."""
-        state = "folded" if self.folded else ("calibrated" if self.stats else "not calibrated")
+        state = f"mode {self.mode}" if self.folded else ("calibrated" if self.stats else "not calibrated")
         lines = [
             f"fxeq: {len(self.search.sites)} sites, {len(self.search.skipped)} concatenations skipped "
             f"(frontend {self.frontend}, {state})"
@@ -132,7 +143,7 @@ class Report:
                     f"{mean:>10} {std:>10} {samples:>7}  {inp.producer}"
                 )
             for conv in site.convs:
-                for note in conv_notes(conv, self.folded):
+                for note in self._conv_notes(conv):
                     lines.append(f"  note ({conv.weight.rsplit('.', 1)[0]}): {note}")
             for note in site.notes:
                 lines.append(f"  note: {note}")

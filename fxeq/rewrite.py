@@ -28,7 +28,7 @@ from torch import nn
 from .errors import AlreadyEqualizedError, FxEqError
 from .sites import FusingConv, Site
 
-__all__ = ["check_not_folded", "fold", "fold_site", "write_parameters"]
+__all__ = ["check_not_folded", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner", "site_vectors", "write_parameters"]
 
 _MARK = "_fxeq_folded"
 
@@ -59,24 +59,42 @@ def fold(
         >>> w2.flatten().tolist(), b2.tolist()
         ([0.5, 0.25], [-0.5])
     """
-    out_channels, per_group = weight.shape[:2]
-    if per_group * groups != mean.numel() or mean.shape != std.shape:
-        raise ValueError(
-            f"weight {tuple(weight.shape)} with groups={groups} reads {per_group * groups} channels, "
-            f"but mean has {mean.numel()} and std has {std.numel()}"
-        )
-    # Input channel c sits in group c // per_group at column c % per_group; output
-    # channel o only reads its own group's columns.
-    rows = out_channels // groups
-    inv = (1.0 / std.double()).reshape(groups, per_group).repeat_interleave(rows, dim=0)
-    mu = mean.double().reshape(groups, per_group).repeat_interleave(rows, dim=0)
-    kernel_dims = (1,) * (weight.dim() - 2)
-    new_weight = weight.double() * inv.reshape(out_channels, per_group, *kernel_dims)
+    if mean.shape != std.shape:
+        raise ValueError(f"mean has shape {tuple(mean.shape)} but std has {tuple(std.shape)}")
+    new_weight = weight.double() * per_weight_column(1.0 / std.double(), weight.shape, groups)
     if bias is None:
         return new_weight.to(weight.dtype), None
-    summed = new_weight.flatten(2).sum(-1)
-    new_bias = bias.double() - (summed * mu).sum(1)
+    new_bias = bias.double() - mean_term(new_weight, mean, groups)
     return new_weight.to(weight.dtype), new_bias.to(bias.dtype)
+
+
+def per_weight_column(values: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
+    """Spread per-input-channel values over a conv weight's ``(out, in / groups, 1, ...)`` layout.
+
+    Input channel c sits in group ``c // per_group`` at column ``c % per_group``,
+    and output channel o reads only its own group's columns.
+
+    Example:
+        >>> per_weight_column(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.Size([4, 2, 3, 3]), 2).flatten().tolist()
+        [1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]
+    """
+    out_channels, per_group = shape[:2]
+    if per_group * groups != values.numel():
+        raise ValueError(
+            f"weight {tuple(shape)} with groups={groups} reads {per_group * groups} channels, "
+            f"but mean/std have {values.numel()}"
+        )
+    spread = values.reshape(groups, per_group).repeat_interleave(out_channels // groups, dim=0)
+    return spread.reshape(out_channels, per_group, *(1,) * (len(shape) - 2))
+
+
+def mean_term(weight: torch.Tensor, mean: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per output channel, what subtracting ``mean`` from the input takes off ``conv(x, weight)``.
+
+    float64, ``sum_c sum_kernel(weight[:, c]) * mean[c]``; exact where no zero padding is read.
+    """
+    summed = weight.double().flatten(2).sum(-1)
+    return (summed * per_weight_column(mean.double(), weight.shape, groups).flatten(1)).sum(1)
 
 
 def fold_site(
@@ -113,12 +131,7 @@ def fold_site(
                 "Check the calibration data for NaN/Inf and that this branch is not constant "
                 "(e.g. all-zero after ReLU); nothing was modified."
             )
-    device = parameters[site.convs[0].weight].device
-    mean_vec = torch.zeros(site.channels, dtype=torch.float64, device=device)
-    std_vec = torch.ones(site.channels, dtype=torch.float64, device=device)
-    for inp in site.inputs:
-        mean_vec[inp.channels[0]:inp.channels[1]] = mean[inp.index]
-        std_vec[inp.channels[0]:inp.channels[1]] = std[inp.index]
+    mean_vec, std_vec = site_vectors(site, mean, std, device=parameters[site.convs[0].weight].device)
     new: dict[str, torch.Tensor] = {}
     for conv in site.convs:
         weight, bias = fold(
@@ -137,6 +150,22 @@ def fold_site(
     return new
 
 
+def site_vectors(
+    site: Site, mean: Mapping[int, float], std: Mapping[int, float], *, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 mean and std vectors of a site's concatenation.
+
+    Channels of left-out (empty) inputs cannot occur; any channel not covered
+    keeps mean 0 and std 1.
+    """
+    mean_vec = torch.zeros(site.channels, dtype=torch.float64, device=device)
+    std_vec = torch.ones(site.channels, dtype=torch.float64, device=device)
+    for inp in site.inputs:
+        mean_vec[inp.channels[0]:inp.channels[1]] = mean[inp.index]
+        std_vec[inp.channels[0]:inp.channels[1]] = std[inp.index]
+    return mean_vec, std_vec
+
+
 def check_not_folded(modules: Iterable[nn.Module], convs: Iterable[FusingConv]) -> None:
     """Refuse to rescale a conv that fxeq already rescaled.
 
@@ -148,7 +177,7 @@ def check_not_folded(modules: Iterable[nn.Module], convs: Iterable[FusingConv]) 
     """
     for conv in convs:
         for module in modules:
-            owner, local = _resolve_owner(module, conv.weight)
+            owner, local = resolve_owner(module, conv.weight)
             if owner is not None and local in getattr(owner, _MARK, {}):
                 raise AlreadyEqualizedError(
                     f"conv {_owner(conv.weight)} was already rescaled by fxeq (site "
@@ -157,10 +186,8 @@ def check_not_folded(modules: Iterable[nn.Module], convs: Iterable[FusingConv]) 
                 )
 
 
-def write_parameters(
-    modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor], sites: Mapping[str, str]
-) -> None:
-    """Copy new tensors into the named parameters of each module, then mark them.
+def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]) -> None:
+    """Copy new tensors into the named parameters of each module.
 
     Every name is resolved in every module before anything is written; a module
     that does not hold a name is skipped. Parameters shared between modules are
@@ -169,33 +196,40 @@ def write_parameters(
     Args:
         modules: the modules whose parameters are rewritten.
         new: new tensor per qualified parameter name.
-        sites: per weight name, the site it belongs to (recorded in the mark).
+
+    Raises:
+        FxEqError: a parameter's shape differs from its new tensor's (nothing is written).
     """
     targets: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-    marks: list[tuple[nn.Module, str, str]] = []
     for module in modules:
         for name, tensor in new.items():
-            owner, local = _resolve_owner(module, name)
+            owner, local = resolve_owner(module, name)
             param = getattr(owner, local, None) if owner is not None else None
-            if owner is None or not isinstance(param, nn.Parameter):
+            if not isinstance(param, nn.Parameter):
                 continue
             if param.shape != tensor.shape:
                 raise FxEqError(f"parameter {name} has shape {tuple(param.shape)}, expected {tuple(tensor.shape)}")
             targets[id(param)] = (param, tensor)
-            if name in sites:
-                marks.append((owner, local, sites[name]))
     with torch.no_grad():
         for param, tensor in targets.values():
             param.copy_(tensor)
-    for owner, local, site in marks:
-        owner.__dict__.setdefault(_MARK, {})[local] = site
+
+
+def mark_folded(modules: Iterable[nn.Module], weight_sites: Mapping[str, str]) -> None:
+    """Record on each weight's owning module that fxeq equalized it (see :func:`check_not_folded`)."""
+    for module in modules:
+        for name, site in weight_sites.items():
+            owner, local = resolve_owner(module, name)
+            if owner is not None:
+                owner.__dict__.setdefault(_MARK, {})[local] = site
 
 
 def _owner(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _resolve_owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+def resolve_owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """The submodule holding a qualified attribute name, and the local name (None if absent)."""
     prefix, _, local = name.rpartition(".")
     try:
         return (module.get_submodule(prefix) if prefix else module), local

@@ -237,7 +237,10 @@ class FusingConv:
         bias: qualified name of its bias parameter, or None.
         groups: conv groups.
         padded: whether it reads zero padding (the mean fold is inexact at borders).
-        followed_by_norm: whether a normalization layer reads its output.
+        followed_by_norm: whether normalization layers alone read its output.
+        batch_norm: module path of the batch norm (with running statistics)
+            that alone reads its output, if any: ``{batch_norm}.running_mean``
+            names its buffer in the model and in the captured graph.
     """
 
     node: str
@@ -246,6 +249,7 @@ class FusingConv:
     groups: int
     padded: bool
     followed_by_norm: bool
+    batch_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -514,7 +518,10 @@ def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, uses: Counter
     padded = padding_mode == "zeros" and (
         padding == "same" or any(int(p) != 0 for p in _as_tuple(padding))
     )
-    return FusingConv(conv.name, weight, bias, groups, padded, _followed_by_norm(gm, conv))
+    readers = _readers(gm, conv)
+    followed = bool(readers) and all(_is_norm(gm, r) for r in readers)
+    batch_norm = _batch_norm_path(gm, readers[0]) if len(readers) == 1 else None
+    return FusingConv(conv.name, weight, bias, groups, padded, followed, batch_norm)
 
 
 def _as_tuple(padding: object) -> tuple[object, ...]:
@@ -523,13 +530,28 @@ def _as_tuple(padding: object) -> tuple[object, ...]:
     return () if padding in ("valid", None) else (padding,)
 
 
-def _followed_by_norm(gm: fx.GraphModule, conv: fx.Node) -> bool:
+def _readers(gm: fx.GraphModule, conv: fx.Node) -> list[fx.Node]:
+    """The nodes that read a conv's output, looking through identity-like ops."""
     readers: list[fx.Node] = []
     frontier = [conv]
     while frontier:
         for user in frontier.pop().users:
             (frontier if _category(gm, user) == _IDENTITY else readers).append(user)
-    return bool(readers) and all(_is_norm(gm, r) for r in readers)
+    return readers
+
+
+def _batch_norm_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Module path of a batch norm node's running statistics, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        tracked = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+        return str(node.target) if tracked else None
+    if _aten_name(node.target) in ("batch_norm", "_native_batch_norm_legit_no_training"):
+        running_mean = _arg(node, 3)
+        if isinstance(running_mean, fx.Node) and running_mean.op == "get_attr":
+            path, _, name = str(running_mean.target).rpartition(".")
+            return path if name == "running_mean" else None
+    return None
 
 
 def _with_dependencies(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:

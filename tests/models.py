@@ -58,6 +58,29 @@ class BNHead(nn.Module):
         return self.head(F.relu(self.bn(self.fuse(self.drop(torch.cat([a, b], 1))))))
 
 
+class BNFuse(nn.Module):
+    """A 1x1 fusing conv with a bias, read by a batch norm (the ConvModule shape)::
+
+        x ── conv_a ───────────────────────┐
+        x ── pool ── conv_b ── upsample ───┴─ cat ── fuse(1x1, bias) ── bn ── relu ── head
+    """
+
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv_b.weight.mul_(3.0)
+            self.conv_b.bias.add_(1.0)
+        self.fuse = nn.Conv2d(7, 6, 1)
+        self.bn = nn.BatchNorm2d(6) if norm else nn.Identity()
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = F.interpolate(self.conv_b(F.avg_pool2d(x, 4)), scale_factor=4.0, mode="bilinear")
+        return self.head(F.relu(self.bn(self.fuse(torch.cat([self.conv_a(x), b], 1)))))
+
+
 class ShapeBranch(TwoBranch):
     """TwoBranch whose forward checks shapes in Python (fx fails, export works)::
 

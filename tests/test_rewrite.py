@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxeq.errors import AlreadyEqualizedError, FxEqError
-from fxeq.rewrite import check_not_folded, fold, fold_site, write_parameters
+from fxeq.rewrite import check_not_folded, fold, fold_site, mark_folded, write_parameters
 from fxeq.sites import FusingConv, Site, SiteInput
 
 
@@ -65,7 +65,7 @@ def test_scale_is_exact_per_slice_for_misaligned_groups():
 
 
 def test_fold_rejects_mismatched_channels():
-    with pytest.raises(ValueError, match="reads 4 channels, but mean has 3"):
+    with pytest.raises(ValueError, match="reads 4 channels, but mean/std have 3"):
         fold(torch.ones(2, 4, 1, 1), None, torch.zeros(3), torch.ones(3))
 
 
@@ -102,7 +102,9 @@ def test_write_parameters_writes_shared_parameters_once_and_marks_them():
     holder = nn.Module()
     holder.fuse = conv
     new = {"fuse.weight": torch.full_like(conv.weight, 7.0), "fuse.bias": torch.zeros(2)}
-    write_parameters([holder, holder], new, {"fuse.weight": "cat"})
+    write_parameters([holder, holder], new)
     assert conv.weight.eq(7.0).all() and conv.bias.eq(0).all()
+    check_not_folded([holder], _site().convs)
+    mark_folded([holder], {"fuse.weight": "cat"})
     with pytest.raises(AlreadyEqualizedError, match="conv fuse was already rescaled by fxeq .*site 'cat'"):
         check_not_folded([holder], _site().convs)

@@ -1,0 +1,304 @@
+"""Training semantics: how the measured equalizer is put into a model.
+
+Three modes, identical in the forward pass at step 0 (up to zero-padded
+borders for the mean), different under gradient descent:
+
+* ``"init"`` (default, the paper's "auxiliary initializer"): fold once,
+  ``W[:, slice_i] /= sigma_i``. Zero overhead, but dL/dW' still scales with
+  sigma_i, and when a batch norm follows the fold grows ``|w|``, which lowers
+  SGD's effective learning rate (lr / |w|^2). ``keep_norm=True`` restores each
+  output channel's weight norm (valid only where a batch norm follows).
+* ``"reparam"``: ``W = W_raw * s`` with ``s = 1 / sigma`` per input channel,
+  via :mod:`torch.nn.utils.parametrize`. Gradients w.r.t. ``W_raw`` equal the
+  explicit equalizer's gradients w.r.t. the conv weight, at weight-sized cost,
+  exactly when a batch norm follows the conv (its input gradient sums to zero,
+  which cancels the mean term); otherwise they differ by ``mu / sigma`` times
+  the summed output gradient. State_dict keys become
+  ``<conv>.parametrizations.weight.original`` and ``<conv>.parametrizations.weight.0.scale``;
+  :func:`plain_state_dict` / :func:`load_plain_state_dict` save and load the
+  original keys while training.
+* ``"explicit"``: the literal module, ``(x - mu) / sigma`` before each fusing
+  conv, for ablations: constant nodes in a GraphModule, forward pre-hooks on a
+  user's own conv modules (``inplace=True``). No state_dict key changes.
+
+:func:`finalize` bakes "reparam" and "explicit" into plain weights for
+deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .errors import FxEqError
+from .rewrite import fold, mean_term, per_weight_column, resolve_owner
+from .sites import FusingConv
+
+__all__ = ["InputScale", "Mode", "finalize", "load_plain_state_dict", "plain_state_dict"]
+
+Mode = Literal["init", "reparam", "explicit"]
+MODES: tuple[str, ...] = ("init", "reparam", "explicit")
+
+_HOOK = "_fxeq_explicit"
+_NODES = "_fxeq_explicit_nodes"
+
+
+class InputScale(nn.Module):
+    """Parametrization ``W = W_raw * scale`` with a per-input-channel scale.
+
+    ``scale`` has the weight's ``(out, in / groups, 1, ...)`` layout, so
+    grouped and depthwise convs get every column's own input channel.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 1, 1, bias=False)
+        >>> _ = conv.weight.data.fill_(1.0)
+        >>> scale = torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+        >>> _ = parametrize.register_parametrization(conv, "weight", InputScale(scale))
+        >>> conv.weight.flatten().tolist(), sorted(conv.state_dict())
+        ([0.5, 0.25], ['parametrizations.weight.0.scale', 'parametrizations.weight.original'])
+    """
+
+    scale: torch.Tensor
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw * self.scale
+
+
+@dataclasses.dataclass
+class _Standardize:
+    """A forward pre-hook computing ``(x - mean) * inv_std`` on a conv's input."""
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+    groups: int
+    batch_norm: nn.Module | None
+    handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return ((args[0] - self.mean) * self.inv_std, *args[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExplicitNodes:
+    """Constant nodes inserted before a GraphModule's conv, and how to fold them."""
+
+    conv: str
+    source: str
+    nodes: tuple[str, str]
+    attrs: tuple[str, str]
+    weight: str
+    bias: str | None
+    batch_norm: str | None
+    groups: int
+
+
+# ---------------------------------------------------------------------------
+# Applying a mode
+# ---------------------------------------------------------------------------
+
+
+def keep_norms(
+    conv: FusingConv, original: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rescale each folded output channel back to its original weight norm.
+
+    Exact after a batch norm in training mode (per-channel scale invariance),
+    with the bias scaled alike.
+    """
+    dims = tuple(range(1, weight.dim()))
+    norm = torch.linalg.vector_norm
+    factor = norm(original.double(), dim=dims) / norm(weight.double(), dim=dims).clamp_min(1e-300)
+    new_weight = (weight.double() * factor.view(-1, *(1,) * len(dims))).to(weight.dtype)
+    new_bias = None if bias is None else (bias.double() * factor).to(bias.dtype)
+    return new_weight, new_bias
+
+
+def register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.Tensor) -> None:
+    """Parametrize the conv's weight as ``W_raw * (1 / std)`` in each module holding it."""
+    done: set[int] = set()
+    for root in modules:
+        owner, local = resolve_owner(root, conv.weight)
+        if owner is None or id(owner) in done:
+            continue
+        done.add(id(owner))
+        weight = getattr(owner, local)
+        scale = per_weight_column(1.0 / std.double(), weight.shape, conv.groups).to(weight.dtype)
+        parametrize.register_parametrization(owner, local, InputScale(scale))
+
+
+def register_explicit(
+    gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
+) -> None:
+    """Put ``(x - mean) / std`` before a fusing conv.
+
+    In ``model`` (the user's module, with ``inplace=True``) as a forward
+    pre-hook on the conv module; in ``gm`` as constant nodes, unless the graph
+    calls that very (already hooked) module.
+    """
+    weight = gm.get_parameter(conv.weight)
+    shape = (1, -1, *(1,) * (weight.dim() - 2))
+    mean_c = mean.to(weight.dtype).reshape(shape)
+    inv_c = (1.0 / std.double()).to(weight.dtype).reshape(shape)
+    hooked: set[int] = set()
+    if model is not None:
+        owner, _ = resolve_owner(model, conv.weight)
+        if not isinstance(owner, nn.modules.conv._ConvNd):
+            raise FxEqError(
+                f"mode='explicit' with inplace=True needs {conv.weight} to belong to a conv module, "
+                f"found {type(owner).__name__}; use inplace=False to get a GraphModule with explicit nodes"
+            )
+        bn = model.get_submodule(conv.batch_norm) if conv.batch_norm else None
+        hook = _Standardize(mean_c, inv_c, conv.groups, bn)
+        hook.handle = owner.register_forward_pre_hook(hook)
+        setattr(owner, _HOOK, hook)
+        hooked.add(id(owner))
+    node = next(n for n in gm.graph.nodes if n.name == conv.node)
+    if node.op == "call_module" and id(gm.get_submodule(str(node.target))) in hooked:
+        return
+    k = len(getattr(gm, _NODES, []))
+    attrs = (f"fxeq_explicit_mean_{k}", f"fxeq_explicit_inv_std_{k}")
+    gm.register_buffer(attrs[0], mean_c, persistent=False)
+    gm.register_buffer(attrs[1], inv_c, persistent=False)
+    source = node.args[0]
+    with gm.graph.inserting_before(node):
+        sub = gm.graph.call_function(torch.sub, (source, gm.graph.get_attr(attrs[0])))
+        mul = gm.graph.call_function(torch.mul, (sub, gm.graph.get_attr(attrs[1])))
+    node.update_arg(0, mul)
+    gm.recompile()
+    record = _ExplicitNodes(node.name, source.name, (sub.name, mul.name), attrs, conv.weight, conv.bias,
+                            conv.batch_norm, conv.groups)
+    gm.__dict__.setdefault(_NODES, []).append(record)
+
+
+# ---------------------------------------------------------------------------
+# Finalize and plain state_dicts
+# ---------------------------------------------------------------------------
+
+
+def finalize(model: nn.Module) -> list[str]:
+    """Bake "reparam" and "explicit" equalizers into plain conv weights, in place.
+
+    Afterwards the model has its original graph and state_dict keys, and the
+    same outputs in eval mode (exactly at 1x1 convs, in the interior
+    otherwise). The mean goes into the conv's bias; if it has none and a
+    batch norm follows, into that batch norm's ``running_mean``.
+
+    Args:
+        model: a model or GraphModule returned or rewritten by
+            ``fxeq.transform(..., mode="reparam" | "explicit")``.
+
+    Returns:
+        Notes about means that could not be folded (empty when all were).
+
+    Example:
+        >>> conv = nn.Conv2d(2, 1, 1)
+        >>> _ = parametrize.register_parametrization(conv, "weight", InputScale(torch.full((1, 2, 1, 1), 0.5)))
+        >>> finalize(conv), sorted(conv.state_dict())
+        ([], ['bias', 'weight'])
+    """
+    notes: list[str] = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], InputScale):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        hook = module.__dict__.pop(_HOOK, None)
+        if isinstance(hook, _Standardize):
+            if hook.handle is not None:
+                hook.handle.remove()
+            notes += _bake(name or "model", module.weight, module.bias, hook.batch_norm,
+                           hook.mean.flatten(), 1.0 / hook.inv_std.flatten().double(), hook.groups)
+    if isinstance(model, fx.GraphModule):
+        for record in model.__dict__.pop(_NODES, []):
+            notes += _remove_explicit_nodes(model, record)
+    return notes
+
+
+def _remove_explicit_nodes(gm: fx.GraphModule, record: _ExplicitNodes) -> list[str]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    conv, sub, mul = nodes[record.conv], nodes[record.nodes[0]], nodes[record.nodes[1]]
+    mean, inv_std = getattr(gm, record.attrs[0]), getattr(gm, record.attrs[1])
+    constants = (sub.args[1], mul.args[1])
+    conv.update_arg(0, nodes[record.source])
+    for node in (mul, sub, *constants):
+        gm.graph.erase_node(node)
+    for attr in record.attrs:
+        delattr(gm, attr)
+    gm.recompile()
+    bn = gm.get_submodule(record.batch_norm) if record.batch_norm else None
+    bias = gm.get_parameter(record.bias) if record.bias else None
+    return _bake(record.weight.rsplit(".", 1)[0], gm.get_parameter(record.weight), bias, bn,
+                 mean.flatten(), 1.0 / inv_std.flatten().double(), record.groups)
+
+
+def _bake(
+    name: str, weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None,
+    mean: torch.Tensor, std: torch.Tensor, groups: int,
+) -> list[str]:
+    new_weight, new_bias = fold(weight, bias, mean, std, groups)
+    with torch.no_grad():
+        weight.copy_(new_weight)
+        if bias is not None and new_bias is not None:
+            bias.copy_(new_bias)
+            return []
+        running_mean = getattr(bn, "running_mean", None)
+        if isinstance(running_mean, torch.Tensor):
+            running_mean.add_(mean_term(new_weight, mean, groups).to(running_mean.dtype))
+            return []
+    return [f"conv {name}: no bias and no batch norm after it, so the mean ({mean.abs().max().item():.3g} "
+            "at most) could not be folded; outputs differ from the explicit equalizer by that term"]
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with "reparam" parametrizations resolved to plain weights.
+
+    The keys are the original model's; load it into an unparametrized model,
+    or back into a parametrized one with :func:`load_plain_state_dict`.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 1, 1)
+        >>> _ = parametrize.register_parametrization(conv, "weight", InputScale(torch.full((1, 2, 1, 1), 0.5)))
+        >>> sorted(plain_state_dict(conv))
+        ['bias', 'weight']
+    """
+    weights = {prefix: module.weight.detach() for prefix, module in _reparametrized(model)}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in weights if key.startswith(p) and key[len(p):].count(".") <= 3), None)
+        if prefix is not None and f"{prefix}weight" not in state:
+            state[f"{prefix}weight"] = weights[prefix]  # conv modules list their weight first
+        if prefix is None or not key[len(prefix):].startswith("parametrizations.weight."):
+            state[key] = value
+    return state
+
+
+def load_plain_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a plain state_dict (original keys) into a "reparam" model.
+
+    Each plain weight ``W`` becomes ``W_raw = W / scale`` with the model's
+    current scale, so that the effective weight is ``W``.
+    """
+    converted = dict(state)
+    for prefix, module in _reparametrized(model):
+        key = f"{prefix}weight"
+        if key not in converted:
+            continue
+        scale = module.parametrizations.weight[0].scale
+        converted[f"{prefix}parametrizations.weight.original"] = converted.pop(key) / scale
+        converted[f"{prefix}parametrizations.weight.0.scale"] = scale
+    model.load_state_dict(converted, strict=strict)
+
+
+def _reparametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (f"{name}." if name else "", module)
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], InputScale)
+    ]

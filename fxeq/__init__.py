@@ -8,7 +8,8 @@ fusing conv's weights: the deployed graph is the original one.
 
 The package layout is the pipeline: :mod:`fxeq.capture` → :mod:`fxeq.sites`
 (find) → :mod:`fxeq.observe` → :mod:`fxeq.calibrate` → :mod:`fxeq.rewrite`,
-with :mod:`fxeq.report` describing the outcome and :mod:`fxeq.pipeline`
+with :mod:`fxeq.modes` for the training semantics (init / reparam /
+explicit), :mod:`fxeq.report` describing the outcome and :mod:`fxeq.pipeline`
 running it all.
 
 Example:
@@ -22,6 +23,7 @@ Example:
 
 from .capture import capture
 from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError
+from .modes import finalize, load_plain_state_dict, plain_state_dict
 from .pipeline import Prepared, calibrate, convert, find, prepare, transform
 from .report import Report
 from .sites import find_sites
@@ -39,7 +41,10 @@ __all__ = [
     "capture",
     "convert",
     "find",
+    "finalize",
     "find_sites",
+    "load_plain_state_dict",
+    "plain_state_dict",
     "prepare",
     "transform",
 ]

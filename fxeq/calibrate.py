@@ -54,8 +54,8 @@ class InputStats:
     @classmethod
     def of(cls, observer: ScaleObserver) -> InputStats:
         """Read an observer (one host synchronization)."""
-        count, mean, std = torch.stack([observer.count, observer.mean, observer.std()]).tolist()
-        return cls(mean=mean, std=std, count=int(count), samples=observer.samples)
+        mean, std = torch.stack([observer.mean, observer.std()]).tolist()
+        return cls(mean=mean, std=std, count=observer.count, samples=observer.samples)
 
 
 def batch_inputs(
@@ -160,17 +160,23 @@ def merge_across_ranks(observers: Sequence[ScaleObserver]) -> None:
     """Replace each observer's statistics with those of all ranks together.
 
     Does nothing unless ``torch.distributed`` is initialized with more than one
-    rank. One ``all_gather`` carries every observer's (count, mean, M2).
+    rank. One ``all_gather`` carries every observer's (count, samples, mean, M2);
+    the merge is associative, so every rank ends with the same numbers.
     """
     if not observers or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    local = torch.stack([torch.stack([o.count, o.mean, o.m2]) for o in observers])
+    device = observers[0].mean.device
+    local = torch.stack([
+        torch.stack([torch.tensor(float(o.count), dtype=torch.float64, device=device),
+                     torch.tensor(float(o.samples), dtype=torch.float64, device=device), o.mean, o.m2])
+        for o in observers
+    ])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
-    samples = [torch.zeros(len(observers), dtype=torch.float64, device=local.device) for _ in gathered]
-    dist.all_gather(samples, torch.tensor([float(o.samples) for o in observers], dtype=torch.float64, device=local.device))
+    parts = torch.stack(gathered).cpu()
     for k, observer in enumerate(observers):
         observer.reset()
-        for part in gathered:
-            observer.merge(part[k, 0], part[k, 1], part[k, 2])
-        observer.samples = int(sum(s[k].item() for s in samples))
+        for count, samples, mean, m2 in parts[:, k].tolist():
+            observer.merge(int(count), torch.tensor(mean, dtype=torch.float64, device=device),
+                           torch.tensor(m2, dtype=torch.float64, device=device))
+            observer.samples += int(samples)

@@ -34,33 +34,35 @@ class ScaleObserver(nn.Module):
     """Accumulates the global mean and variance of the tensors it sees.
 
     Each batch is reduced with :func:`torch.var_mean` (one kernel, no extra
-    activation-sized copy for fp32), then merged into float64 running
-    ``count``, ``mean`` and ``m2`` buffers with Chan's parallel formula. All of
-    it stays on the tensor's device: no host synchronization per batch.
+    activation-sized copy for fp32), then merged into float64 running ``mean``
+    and ``m2`` buffers with Chan's parallel formula. The element count is a
+    host-side integer known from shapes, and everything else stays on the
+    tensor's device: no host synchronization per batch.
 
     Example:
         >>> obs = ScaleObserver()
         >>> _ = obs(torch.full((2, 3), 1e4) + torch.tensor([1.0, -1.0, 0.0]))
         >>> _ = obs(torch.full((4,), 1e4))
-        >>> round(obs.mean.item(), 3), round(obs.std().item(), 4)
-        (10000.0, 0.6325)
+        >>> obs.count, round(obs.mean.item(), 3), round(obs.std().item(), 4)
+        (10, 10000.0, 0.6325)
     """
 
-    count: torch.Tensor
     mean: torch.Tensor
     m2: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("count", "mean", "m2"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
+        self.count = 0
         self.samples = 0
         self.enabled = True
 
     def reset(self) -> None:
         """Forget everything seen so far."""
-        for buf in (self.count, self.mean, self.m2):
-            buf.zero_()
+        self.mean.zero_()
+        self.m2.zero_()
+        self.count = 0
         self.samples = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,23 +74,24 @@ class ScaleObserver(nn.Module):
         if values.element_size() < 4:
             values = values.float()
         var, mean = torch.var_mean(values, correction=0)
-        n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-        self.merge(n, mean.double(), var.double() * n)
+        self.merge(x.numel(), mean.double(), var.double() * x.numel())
         self.samples += x.shape[0] if x.dim() else 1
         return x
 
-    def merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge another partition's (count, mean, m2) into this one (Chan et al.)."""
         total = self.count + count
+        if total == 0:
+            return
+        share = count / total
         delta = mean - self.mean
-        share = torch.where(total > 0, count / total.clamp_min(1), torch.zeros_like(total))
         self.mean += delta * share
-        self.m2 += m2 + delta * delta * self.count * share
-        self.count.copy_(total)
+        self.m2 += m2 + delta * delta * (self.count * share)
+        self.count = total
 
     def std(self) -> torch.Tensor:
         """Population standard deviation of everything seen (NaN if nothing was)."""
-        return (self.m2 / self.count).sqrt()
+        return (self.m2 / self.count).sqrt() if self.count else torch.full_like(self.m2, float("nan"))
 
 
 @dataclass
@@ -133,7 +136,7 @@ def insert_observers(gm: fx.GraphModule, search: SiteSearch) -> Observed:
         >>> gm = capture(Fuse(), x).module
         >>> observed = insert_observers(gm, find_sites(gm))
         >>> _ = observed.module(*x)
-        >>> sorted(observed.observers), int(observed.observers["cat", 1].count)
+        >>> sorted(observed.observers), observed.observers["cat", 1].count
         ([('cat', 0), ('cat', 1)], 384)
     """
     graph = copy.deepcopy(gm.graph)

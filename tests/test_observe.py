@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ def test_observer_matches_float64_reference(sizes, offset, dtype, seed):
     for p in parts:
         assert observer(p) is p
     everything = torch.cat([p.double() for p in parts])
-    assert observer.count.item() == everything.numel()
+    assert observer.count == everything.numel()
     assert observer.samples == sum(sizes)
     torch.testing.assert_close(observer.mean.item(), everything.mean().item(), rtol=1e-6, atol=1e-6)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
@@ -57,18 +58,59 @@ def test_disabled_observer_and_reset():
     observer = ScaleObserver()
     observer.enabled = False
     observer(torch.ones(3))
-    assert observer.count.item() == 0
+    assert observer.count == 0
     observer.enabled = True
     observer(torch.ones(3))
     observer.reset()
-    assert observer.count.item() == 0 and observer.samples == 0
+    assert observer.count == 0 and observer.samples == 0
 
 
 def test_merge_across_ranks_is_a_no_op_without_distributed():
     observer = ScaleObserver()
     observer(torch.arange(4.0))
     merge_across_ranks([observer])
-    assert observer.count.item() == 4 and observer.mean.item() == 1.5
+    assert observer.count == 4 and observer.mean.item() == 1.5
+
+
+def _merge_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        observers = [ScaleObserver(), ScaleObserver()]
+        for _ in range(rank + 1):
+            observers[0](torch.randn(3 + rank, 4, generator=g) * (rank + 1) + 100 * rank)
+            observers[1](torch.randn(2, 5, generator=g))
+        merge_across_ranks(observers)
+        torch.save([(o.count, o.samples, o.mean.item(), o.std().item()) for o in observers], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_merge_across_ranks_equals_the_pooled_statistics(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "stats")
+    mp.spawn(_merge_worker, args=(2, port, out), nprocs=2)
+    pooled = [[], []]
+    for rank in range(2):
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(rank + 1):
+            pooled[0].append((torch.randn(3 + rank, 4, generator=g) * (rank + 1) + 100 * rank).double())
+            pooled[1].append(torch.randn(2, 5, generator=g).double())
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert results[0] == results[1], "every rank must end with the same statistics"
+    for (count, samples, mean, std), parts in zip(results[0], pooled):
+        values = torch.cat([p.flatten() for p in parts])
+        assert count == values.numel() and samples == sum(p.shape[0] for p in parts)
+        assert mean == pytest.approx(values.mean().item(), rel=1e-7)
+        assert std == pytest.approx(values.std(unbiased=False).item(), rel=1e-5)
 
 
 def test_calibration_graph_uses_batch_statistics_and_leaves_the_model_alone():
@@ -89,7 +131,7 @@ def test_calibration_graph_uses_batch_statistics_and_leaves_the_model_alone():
         expected = reference(x)
     torch.testing.assert_close(got, expected)
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
-    assert [int(o.count) for o in observed.observers.values()] == [4 * 4 * 16 * 16, 4 * 6 * 16 * 16]
+    assert [o.count for o in observed.observers.values()] == [4 * 4 * 16 * 16, 4 * 6 * 16 * 16]
 
 
 def test_export_calibration_graph_uses_batch_statistics():

@@ -142,16 +142,21 @@ def _trace_fx(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tor
 
 
 def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
-    auto = torch.export.Dim.AUTO
     dynamic = tuple(
-        {d: auto for d in range(x.dim()) if d != 1} if isinstance(x, torch.Tensor) else None
-        for x in example_inputs
+        {d: _dynamic_dim(k, d) for d in range(x.dim()) if d != 1} if isinstance(x, torch.Tensor) else None
+        for k, x in enumerate(example_inputs)
     )
     program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
     unlifted = program.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same
     # graph and parameters behaves like any other module.
     return torch.fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph))
+
+
+def _dynamic_dim(arg: int, dim: int) -> object:
+    """Dim.AUTO (torch >= 2.6) lets export keep a size dynamic or specialize it as needed."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    return auto if auto is not None else torch.export.Dim(f"arg{arg}_dim{dim}")
 
 
 _FRONTEND_FNS = {"fx": _trace_fx, "export": _export}

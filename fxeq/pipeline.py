@@ -129,7 +129,13 @@ def prepare(
     """
     original = unwrap(model)
     inputs = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in _as_tuple(example_inputs))
-    target = original if inplace else copy.deepcopy(original)
+    try:
+        target = original if inplace else copy.deepcopy(original)
+    except Exception as e:
+        raise FxEqError(
+            f"could not copy {type(original).__name__} with copy.deepcopy ({type(e).__name__}: {e}); fxeq works "
+            "on a copy unless inplace=True. Make the model deep-copyable, or pass inplace=True."
+        ) from e
     captured = capture(target, inputs, frontend=frontend)
     search = find_sites(captured.module, all_concats=all_concats)
     for site in search.sites:
@@ -377,7 +383,7 @@ def transform(
             + ".",
             stacklevel=2,
         )
-        return convert(prepared)
+        return convert(prepared, mode=mode)
     calibrate(prepared, calib_loader, num_batches=num_batches, input_fn=input_fn,
               progress=progress, min_std=min_std)
     return convert(prepared, mode=mode, keep_norm=keep_norm)

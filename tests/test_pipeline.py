@@ -309,3 +309,13 @@ def test_report_serializes() -> None:
     assert "no bias" in site["convs"][0]["notes"][0]
     assert site["disequilibrium"] >= 1.0
     assert data["versions"]["fxeq"] == fxeq.__version__
+
+
+def test_model_that_cannot_be_copied() -> None:
+    import threading
+
+    model = TwoBranch()
+    model.lock = threading.Lock()
+    with pytest.raises(fxeq.FxEqError, match="could not copy TwoBranch.*pass inplace=True"):
+        fxeq.transform(model, batches())
+    assert fxeq.transform(model, batches(), inplace=True).fxeq_report.folded

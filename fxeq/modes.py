@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import fx, nn
@@ -207,7 +207,7 @@ def finalize(model: nn.Module) -> list[str]:
     """
     notes: list[str] = []
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], InputScale):
+        if _input_scale(module) is not None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         hook = module.__dict__.pop(_HOOK, None)
         if isinstance(hook, _Standardize):
@@ -268,13 +268,19 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(plain_state_dict(conv))
         ['bias', 'weight']
     """
-    weights = {prefix: module.weight.detach() for prefix, module in _reparametrized(model)}
+    before: dict[str, tuple[str, torch.Tensor]] = {}  # key -> the weight to list just before it
+    hidden: set[str] = set()
+    for prefix, module in _reparametrized(model):
+        parametrized = [f"{prefix}parametrizations.weight.original", f"{prefix}parametrizations.weight.0.scale"]
+        own = [f"{prefix}{n}" for n, p in module._parameters.items() if p is not None]  # conv: weight came first
+        before[(own or parametrized)[0]] = (f"{prefix}weight", cast(torch.Tensor, module.weight).detach())
+        hidden.update(parametrized)
     state: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        prefix = next((p for p in weights if key.startswith(p) and key[len(p):].count(".") <= 3), None)
-        if prefix is not None and f"{prefix}weight" not in state:
-            state[f"{prefix}weight"] = weights[prefix]  # conv modules list their weight first
-        if prefix is None or not key[len(prefix):].startswith("parametrizations.weight."):
+        if key in before:
+            name, weight = before[key]
+            state[name] = weight
+        if key not in hidden:
             state[key] = value
     return state
 
@@ -287,18 +293,22 @@ def load_plain_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], s
     """
     converted = dict(state)
     for prefix, module in _reparametrized(model):
-        key = f"{prefix}weight"
-        if key not in converted:
+        key, parametrization = f"{prefix}weight", _input_scale(module)
+        if key not in converted or parametrization is None:
             continue
-        scale = module.parametrizations.weight[0].scale
+        scale = parametrization.scale
         converted[f"{prefix}parametrizations.weight.original"] = converted.pop(key) / scale
         converted[f"{prefix}parametrizations.weight.0.scale"] = scale
     model.load_state_dict(converted, strict=strict)
 
 
+def _input_scale(module: nn.Module) -> InputScale | None:
+    """The module's fxeq weight parametrization, if it has one."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    first = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"])[0]
+    return first if isinstance(first, InputScale) else None
+
+
 def _reparametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (f"{name}." if name else "", module)
-        for name, module in model.named_modules()
-        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], InputScale)
-    ]
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules() if _input_scale(m) is not None]

@@ -33,9 +33,10 @@ __all__ = ["Observed", "ScaleObserver", "insert_observers"]
 class ScaleObserver(nn.Module):
     """Accumulates the global mean and variance of the tensors it sees.
 
-    Each batch is reduced with :func:`torch.var_mean` (one kernel, no extra
-    activation-sized copy for fp32), then merged into float64 running ``mean``
-    and ``m2`` buffers with Chan's parallel formula. The element count is a
+    Each batch is centred on its own mean and reduced with
+    :func:`torch.var_mean` (one transient copy of the input; fp16/bf16 inputs
+    are reduced in fp32), then merged into float64 running ``mean`` and ``m2``
+    buffers with Chan's parallel formula. The element count is a
     host-side integer known from shapes, and everything else stays on the
     tensor's device: no host synchronization per batch.
 
@@ -73,8 +74,11 @@ class ScaleObserver(nn.Module):
         values = x.detach()
         if values.element_size() < 4:
             values = values.float()
-        var, mean = torch.var_mean(values, correction=0)
-        self.merge(x.numel(), mean.double(), var.double() * x.numel())
+        # Centre first: deviations from a nearby shift are exact in floating point
+        # (Sterbenz), so a large mean cannot swamp a small variance.
+        shift = values.mean()
+        var, mean = torch.var_mean(values - shift, correction=0)
+        self.merge(x.numel(), mean.double() + shift.double(), var.double() * x.numel())
         self.samples += x.shape[0] if x.dim() else 1
         return x
 
@@ -173,7 +177,7 @@ def _redirect_conv_parameters(
     weight_attr = f"fxeq_weight_{k}"
     bias_attr = f"fxeq_bias_{k}" if bias is not None else None
     observed.module.register_buffer(weight_attr, gm.get_parameter(weight).detach(), persistent=False)
-    if bias is not None:
+    if bias is not None and bias_attr is not None:
         observed.module.register_buffer(bias_attr, gm.get_parameter(bias).detach(), persistent=False)
     observed.conv_inputs[weight] = (weight_attr, bias_attr)
     with graph.inserting_before(conv):
@@ -231,7 +235,7 @@ def _use_batch_statistics(module: fx.GraphModule, node: fx.Node) -> None:
         elif aten == "_native_batch_norm_legit_no_training":
             node.target = _native_batch_norm_with_batch_statistics
         elif node.target is F.batch_norm:  # (x, running_mean, running_var, weight, bias, training, ...)
-            kwargs = dict(zip(_F_BATCH_NORM_ARGS, node.args)) | dict(node.kwargs)
+            kwargs = dict(zip(_F_BATCH_NORM_ARGS, node.args, strict=False)) | dict(node.kwargs)
             kwargs.update(running_mean=None, running_var=None, training=True)
             node.args, node.kwargs = (), kwargs
 

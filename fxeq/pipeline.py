@@ -33,9 +33,9 @@ from torch import fx, nn
 from .calibrate import InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
 from .capture import Captured, Frontend, capture, eval_mode, unwrap
 from .errors import CalibrationError, FxEqError
+from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
 from .observe import Observed, insert_observers
 from .report import Report
-from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
 from .rewrite import check_not_folded, fold_site, mark_folded, site_vectors, write_parameters
 from .sites import Site, SiteSearch, find_sites
 

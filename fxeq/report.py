@@ -131,7 +131,9 @@ class Report:
             ratio = self.disequilibrium(site)
             ratio_text = f"; std max/min {ratio:.2f}" if ratio is not None else ""
             lines.append(f"site {site.name} -> {convs}{ratio_text}")
-            lines.append(f"  {'in':>3} {'channels':>11}  {'upsample':<16} {'mean':>10} {'std':>10} {'samples':>7}  producer")
+            lines.append(
+                f"  {'in':>3} {'channels':>11}  {'upsample':<16} {'mean':>10} {'std':>10} {'samples':>7}  producer"
+            )
             for inp in site.inputs:
                 stat = self.stats.get((site.name, inp.index))
                 up = f"{inp.upsample} x{_scale(inp.scale)}" if inp.upsample else "-"

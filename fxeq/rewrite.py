@@ -28,7 +28,10 @@ from torch import nn
 from .errors import AlreadyEqualizedError, FxEqError
 from .sites import FusingConv, Site
 
-__all__ = ["check_not_folded", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner", "site_vectors", "write_parameters"]
+__all__ = [
+    "check_not_folded", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner",
+    "site_vectors", "write_parameters",
+]
 
 _MARK = "_fxeq_folded"
 

@@ -191,7 +191,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
     if node.op == "call_function":
-        name = _aten_name(node.target) or getattr(node.target, "__name__", str(node.target))
+        name = _aten_name(node.target) or str(getattr(node.target, "__name__", node.target))
         weight = _arg(node, 1)
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
             return f"{name} {str(weight.target).rsplit('.', 1)[0]}"
@@ -434,7 +434,7 @@ def _site_input(gm: fx.GraphModule, node: fx.Node, index: int, channels: tuple[i
         mode = _upsample_mode(gm, upsample)
         before, after = _shape(upsample.args[0]), _shape(upsample)
         if before is not None and after is not None:
-            scale = tuple(a / b for a, b in zip(after[2:], before[2:]) if b)
+            scale = tuple(a / b for a, b in zip(after[2:], before[2:], strict=True) if b)
     return SiteInput(index, node.name, channels, describe(gm, source), mode, scale)
 
 
@@ -495,8 +495,11 @@ def _get_parameter(gm: fx.GraphModule, arg: object) -> str | None:
 
 def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, uses: Counter[str]) -> FusingConv | str:
     """Describe a fusing conv, or say why it cannot be rescaled."""
+    weight: str | None
+    bias: str | None
+    padding: object
     if conv.op == "call_module":
-        module = gm.get_submodule(str(conv.target))
+        module = cast(nn.modules.conv._ConvNd, gm.get_submodule(str(conv.target)))
         weight = f"{conv.target}.weight"
         bias = f"{conv.target}.bias" if module.bias is not None else None
         groups, padding, padding_mode = module.groups, module.padding, module.padding_mode
@@ -516,7 +519,7 @@ def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, uses: Counter
         if name is not None and uses[name] > 1:
             return f"shares parameter {name} with another op; rescaling it would change that op too"
     padded = padding_mode == "zeros" and (
-        padding == "same" or any(int(p) != 0 for p in _as_tuple(padding))
+        padding == "same" or any(int(cast(int, p)) != 0 for p in _as_tuple(padding))
     )
     readers = _readers(gm, conv)
     followed = bool(readers) and all(_is_norm(gm, r) for r in readers)

@@ -8,14 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import BNHead
 from torch import nn
 
 from fxeq.calibrate import merge_across_ranks
 from fxeq.capture import capture
 from fxeq.observe import ScaleObserver, insert_observers
 from fxeq.sites import find_sites
-
-from models import BNHead
 
 
 @given(
@@ -35,7 +34,7 @@ def test_observer_matches_float64_reference(sizes, offset, dtype, seed):
     assert observer.count == everything.numel()
     assert observer.samples == sum(sizes)
     torch.testing.assert_close(observer.mean.item(), everything.mean().item(), rtol=1e-6, atol=1e-6)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(observer.std().item(), everything.std(unbiased=False).item(), rtol=tol, atol=1e-6)
 
 

@@ -9,15 +9,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import (
+    BNHead,
+    CatTwice,
+    Chained,
+    NoSite,
+    ShapeBranch,
+    TwoBranch,
+    Untraceable,
+    batches,
+    explicit_equalizer,
+    oracle_from_report,
+    reference_stats,
+)
 from torch import nn
 
 import fxeq
 from fxeq.capture import capture
-
-from models import (
-    BNHead, CatTwice, Chained, NoSite, ShapeBranch, TwoBranch, Untraceable, batches,
-    explicit_equalizer, oracle_from_report, reference_stats,
-)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

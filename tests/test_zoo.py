@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from models import oracle_from_report
 from torch import nn
 
 import fxeq
 from fxeq.capture import capture
-
-from models import oracle_from_report
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
@@ -29,7 +28,9 @@ def _zoo() -> list:
     )]
     for arch in _SMP:
         for encoder in _ENCODERS:
-            build = (lambda a=arch, e=encoder: getattr(smp, a)(encoder_name=e, encoder_weights=None, classes=3))
+            def build(a: str = arch, e: str = encoder) -> nn.Module:
+                return getattr(smp, a)(encoder_name=e, encoder_weights=None, classes=3)
+
             cases.append(pytest.param(build, "fx" if arch == "Unet" else "export", id=f"smp-{arch}-{encoder}"))
     return cases
 
@@ -50,7 +51,8 @@ def test_zoo_model(build, frontend: str) -> None:
 
     # Same graph, same keys; only the fusing convs changed.
     reference = capture(model, (data[0],), frontend=frontend).module
-    assert [(n.op, str(n.target)) for n in deployed.graph.nodes] == [(n.op, str(n.target)) for n in reference.graph.nodes]
+    ops = [[(n.op, str(n.target)) for n in gm.graph.nodes] for gm in (deployed, reference)]
+    assert ops[0] == ops[1]
     assert set(deployed.state_dict()) == set(reference.state_dict())
     folded = {name for s in report.search.sites for c in s.convs for name in (c.weight, c.bias) if name}
     changed = {k for k, v in deployed.state_dict().items() if not torch.equal(v, original[k])}

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from models import BNFuse, BNHead, TwoBranch, batches
 from torch import nn
 
 import fxeq
 from fxeq.capture import capture
 from fxeq.modes import InputScale, finalize, load_plain_state_dict, plain_state_dict
-
-from models import BNFuse, BNHead, TwoBranch, batches
 
 
 def _ops(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import BNHead, CatTwice, Chained, Negatives, ShapeBranch, SharedFuse, TwoBranch
 from torch import nn
-import torch.nn.functional as F
 
 from fxeq.capture import capture
 from fxeq.sites import find_sites
-
-from models import BNHead, CatTwice, Chained, Negatives, SharedFuse, ShapeBranch, TwoBranch
 
 X = torch.randn(2, 3, 16, 16)
 

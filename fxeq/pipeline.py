@@ -188,7 +188,7 @@ def calibrate(
         _calibrate_generations(prepared, generations, stats, current, calib_loader, num_batches=num_batches,
                                input_fn=input_fn, progress=progress, min_std=min_std)
     prepared.stats = stats
-    prepared.new_parameters = {k: v for k, v in current.items() if k in _folded_names(prepared.search)}
+    prepared.new_parameters = current
     return prepared
 
 
@@ -398,7 +398,3 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtyp
         if param.is_floating_point():
             return param.device, param.dtype
     return None, None
-
-
-def _folded_names(search: SiteSearch) -> set[str]:
-    return {n for s in search.sites for c in s.convs for n in (c.weight, c.bias) if n is not None}

@@ -22,7 +22,7 @@ Example:
 """
 
 from .capture import capture
-from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError
+from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError, NoSiteWarning
 from .modes import finalize, load_plain_state_dict, plain_state_dict
 from .pipeline import Prepared, calibrate, convert, find, prepare, transform
 from .report import Report
@@ -35,6 +35,7 @@ __all__ = [
     "CalibrationError",
     "CaptureError",
     "FxEqError",
+    "NoSiteWarning",
     "Prepared",
     "Report",
     "calibrate",

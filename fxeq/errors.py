@@ -8,7 +8,7 @@ expected and what was found, and suggests the fix.
 
 from __future__ import annotations
 
-__all__ = ["FxEqError", "CaptureError", "CalibrationError", "AlreadyEqualizedError"]
+__all__ = ["AlreadyEqualizedError", "CalibrationError", "CaptureError", "FxEqError", "NoSiteWarning"]
 
 
 class FxEqError(RuntimeError):
@@ -25,3 +25,7 @@ class CalibrationError(FxEqError):
 
 class AlreadyEqualizedError(FxEqError):
     """A fusing conv was already rescaled by fxeq; rescaling again would compound."""
+
+
+class NoSiteWarning(UserWarning):
+    """The model has no fusion site; it is returned unchanged."""

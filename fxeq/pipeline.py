@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .calibrate import InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
 from .capture import Captured, Frontend, capture, eval_mode, unwrap
-from .errors import CalibrationError, FxEqError
+from .errors import CalibrationError, FxEqError, NoSiteWarning
 from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
 from .observe import Observed, insert_observers
 from .report import Report
@@ -381,6 +381,7 @@ def transform(
             f"{len(prepared.search.skipped)} concatenations were skipped; see .fxeq_report"
             + ("" if all_concats else ", or pass all_concats=True for same-resolution concatenations")
             + ".",
+            NoSiteWarning,
             stacklevel=2,
         )
         return convert(prepared, mode=mode)

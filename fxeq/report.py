@@ -23,10 +23,15 @@ __all__ = ["Report", "versions"]
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, torch and fxeq, for reproducible reports."""
+    """Versions of Python, torch, torchvision and fxeq, for reproducible reports."""
+    import torchvision
+
     from . import __version__
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "fxeq": __version__}
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "fxeq": __version__,
+    }
 
 
 def conv_notes(conv: FusingConv, mode: str = "init") -> list[str]:
@@ -163,5 +168,5 @@ def _scale(scale: tuple[float, ...] | None) -> str:
     if not scale:
         return "?"
     if len(set(scale)) == 1:
-        return f"{scale[0]:g}"
-    return "/".join(f"{s:g}" for s in scale)
+        return f"{scale[0]:.3g}"
+    return "/".join(f"{s:.3g}" for s in scale)

@@ -1,0 +1,224 @@
+"""Calibration images for the command line: a folder of images as a DataLoader.
+
+fxeq measures each fusion input's mean and std on calibration batches, so the
+command line needs batches from image files: :func:`calibration_loader` finds
+the images under a folder, resizes (shorter side) and center-crops them to one
+size, normalizes them as the model was trained, and batches them. Calibration
+runs batch normalization with batch statistics, which fails on batches of one
+sample where a feature map is 1x1 (ASPP image pooling), so the loader insists
+on batches of at least two.
+
+:func:`generate_images` writes synthetic multi-scale textures for ``fxeq demo``,
+so that the demo runs with nothing downloaded. They exercise the pipeline; they
+are no substitute for real training images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFiles", "calibration_loader",
+    "find_images", "generate_images",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GENERATED_PREFIX = "generated-texture-"
+_KINDS = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """The image files under ``folder``, searched recursively, in sorted order.
+
+    Files ending in one of :data:`IMAGE_SUFFIXES` (any case) count.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not an existing folder.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     for name in ("b.PNG", "a.jpg", "notes.txt"):
+        ...         _ = (Path(d) / name).write_bytes(b"")
+        ...     [p.name for p in find_images(d)]
+        ['a.jpg', 'b.PNG']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"calibration folder {root} does not exist or is not a folder; pass a folder of "
+            f"{_KINDS} images (searched recursively)"
+        )
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class ImageFiles(Dataset[torch.Tensor]):
+    """Image files as normalized ``(3, size, size)`` float tensors.
+
+    Each image is converted to RGB, resized so that its shorter side is
+    ``size``, center-cropped to ``size`` x ``size`` and normalized with
+    ``mean`` and ``std`` (per channel, on the 0..1 scale).
+
+    Args:
+        paths: the image files.
+        size: output height and width. Default: 512.
+        mean: per-channel mean. Default: ImageNet's.
+        std: per-channel std. Default: ImageNet's.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     Image.new("RGB", (40, 30), (255, 0, 0)).save(Path(d) / "red.png")
+        ...     x = ImageFiles(find_images(d), size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))[0]
+        >>> x.shape, x[:, 0, 0].tolist()
+        (torch.Size([3, 16, 16]), [1.0, -1.0, -1.0])
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        size: int = 512,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.paths = list(paths)
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                # Resize the shorter side to size (antialiased), then crop the center.
+                square = ImageOps.fit(image.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR)
+        except OSError as e:
+            raise OSError(f"could not read calibration image {path} ({e}); remove it or save it again") from e
+        pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        return (pixels.permute(2, 0, 1).float() / 255 - self.mean) / self.std
+
+
+def calibration_loader(
+    folder: str | Path,
+    *,
+    size: int = 512,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    batch_size: int = 4,
+) -> DataLoader[torch.Tensor]:
+    """Batches of the images under ``folder``, ready for calibration.
+
+    Batches hold at least two images: a last batch of one image is dropped,
+    because batch normalization with batch statistics needs two samples where
+    a feature map is 1x1.
+
+    Args:
+        folder: searched recursively for :data:`IMAGE_SUFFIXES` files.
+        size: images are resized (shorter side) and center-cropped to this.
+            Default: 512.
+        mean: per-channel normalization mean, 0..1 scale. Default: ImageNet's.
+        std: per-channel normalization std. Default: ImageNet's.
+        batch_size: images per batch, at least 2. Default: 4.
+
+    Returns:
+        A DataLoader of ``(batch, 3, size, size)`` tensors, in file order.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: bad size, mean, std or batch size, fewer than two images,
+            or a file that is not an image.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     for i in range(5):
+        ...         Image.new("RGB", (24, 20)).save(Path(d) / f"{i}.png")
+        ...     [tuple(b.shape) for b in calibration_loader(d, size=8, batch_size=2)]
+        [(2, 3, 8, 8), (2, 3, 8, 8)]
+    """
+    if size < 1:
+        raise ValueError(f"the image size must be a positive number of pixels, got {size}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(
+            f"mean and std need 3 values (R, G, B) and std must be positive; got mean={tuple(mean)}, "
+            f"std={tuple(std)}. Use the normalization the model was trained with, e.g. ImageNet's "
+            f"mean={IMAGENET_MEAN}, std={IMAGENET_STD}."
+        )
+    if batch_size < 2:
+        raise ValueError(
+            f"the batch size must be at least 2, got {batch_size}: calibration runs batch normalization "
+            "with batch statistics (as in training), which needs 2 samples per batch where a feature map "
+            "is 1x1 (e.g. ASPP image pooling). Use a batch size of 2 or more."
+        )
+    paths = find_images(folder)
+    if len(paths) < 2:
+        raise ValueError(
+            f"found {len(paths)} image(s) in {folder}, need at least 2 (batch normalization with batch "
+            f"statistics needs 2 samples per batch). Add {_KINDS} "
+            "images from the training set; a few hundred give stable statistics."
+        )
+    for path in paths:  # fail before any work on a file that is not an image (reads headers only)
+        try:
+            Image.open(path).close()
+        except OSError as e:
+            raise ValueError(f"calibration file {path} is not a readable image ({e}); remove it or re-save it") from e
+    dataset = ImageFiles(paths, size=size, mean=mean, std=std)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=len(paths) % batch_size == 1)
+
+
+def generate_images(folder: str | Path, count: int, *, size: int = 128, seed: int = 0) -> list[Path]:
+    """Write ``count`` synthetic RGB textures as PNG files named ``generated-texture-NNN.png``.
+
+    Each image sums smooth random noise at every scale from 2x2 cells up to
+    the pixel grid, with amplitude falling with frequency (as in natural
+    images), so that features at every level of a network see structure.
+    They are generated, not real data: use them to try fxeq, not to
+    calibrate a model you will train.
+
+    Args:
+        folder: created if missing.
+        count: number of images.
+        size: height and width. Default: 128.
+        seed: random seed; the same seed gives the same images. Default: 0.
+
+    Returns:
+        The files written.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     files = generate_images(d, 2, size=32)
+        ...     [p.name for p in files], Image.open(files[0]).size
+        (['generated-texture-000.png', 'generated-texture-001.png'], (32, 32))
+    """
+    if count < 1 or size < 2:
+        raise ValueError(f"need at least one image of at least 2x2 pixels, got count={count}, size={size}")
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    files = []
+    for i in range(count):
+        texture = torch.zeros(1, 3, size, size)
+        for octave in range(1, int(math.log2(size)) + 1):
+            cells = min(2**octave, size)
+            noise = torch.randn(1, 3, cells, cells, generator=generator)
+            texture += F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False) / cells**0.5
+        texture = (texture - texture.mean()) / texture.std()
+        pixels = (torch.sigmoid(1.5 * texture[0]) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        path = root / f"{GENERATED_PREFIX}{i:03d}.png"
+        Image.fromarray(pixels.numpy()).save(path)
+        files.append(path)
+    return files

@@ -1,0 +1,380 @@
+"""The command line, run as ``python -m fxeq`` subprocesses: convert, inspect, demo and every error path.
+
+Each run costs an interpreter start and the torch import (a few seconds on 2
+CPU cores), so the successful conversion is run once per module and several
+tests read its outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from cli_models import NoFuse, TinyFuse
+from PIL import Image
+
+from fxeq.data import generate_images
+
+TESTS = Path(__file__).parent
+MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
+DATA = ["--size", "32", "--batch-size", "2"]
+
+
+def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m fxeq ARGS`` in ``cwd``, with ``tests/`` importable for ``cli_models``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "fxeq", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )
+
+
+def assert_fails(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """Exit code ``code``, a ``fxeq: error:`` message holding every word, and no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "fxeq: error: " in result.stderr
+    message = result.stderr.split("fxeq: error: ", 1)[1]
+    for word in words:
+        assert word in message, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+def assert_equalized(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+    """Only the fusing convs changed, each input's weight slice by exactly 1 / its std."""
+    assert after.keys() == before.keys()
+    fused = {n for s in report["sites"] for c in s["convs"] for n in (c["weight"], c["bias"]) if n}
+    for key in before.keys() - fused:
+        assert torch.equal(after[key], before[key]), key
+    assert report["sites"]
+    for site in report["sites"]:
+        for conv in site["convs"]:
+            assert conv["groups"] == 1
+            old, new = before[conv["weight"]].double(), after[conv["weight"]].double()
+            for inp in site["inputs"]:
+                lo, hi = inp["channels"]
+                # new == old / std up to float32 rounding: one factor per slice (zeros stay zero)
+                torch.testing.assert_close(new[:, lo:hi], old[:, lo:hi] / inp["std"], rtol=2e-7, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four images of several sizes and formats, one in a subfolder, and a text file (ignored)."""
+    folder = tmp_path_factory.mktemp("images")
+    generate_images(folder, 2, size=40)
+    (folder / "sub").mkdir()
+    noise = torch.randint(0, 256, (2, 36, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise[0].numpy()).save(folder / "sub" / "photo.JPG")
+    Image.fromarray(noise[1].numpy()).save(folder / "wide.jpeg")
+    (folder / "labels.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyFuse(classes=3).state_dict()
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path, tiny: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, images: Path, tiny: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One successful ``fxeq convert`` of TinyFuse, .pt to .pt."""
+    folder = tmp_path_factory.mktemp("convert")
+    source, output = folder / "tiny.pt", folder / "out" / "tiny.fxeq.pt"
+    output.parent.mkdir()
+    torch.save(tiny, source)
+    before = digest(source)
+    result = run_cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", output, cwd=folder)
+    return {"result": result, "source": source, "output": output, "digest": before}
+
+
+# ---------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------
+
+def test_convert_succeeds_and_prints_the_table(converted: dict[str, Any]) -> None:
+    result = converted["result"]
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "site cat -> fuse; std max/min" in result.stdout
+    assert "bilinear x4" in result.stdout
+    assert f"wrote {converted['output']}" in result.stdout
+    assert "fxeq calibration" in result.stderr  # the progress bar
+    assert "calibrating on 4 images" in result.stderr
+
+
+def test_convert_rescales_only_the_fusing_conv(converted: dict[str, Any], tiny: dict[str, torch.Tensor]) -> None:
+    after = load(converted["output"])
+    report = json.loads(Path(f"{converted['output']}.fxeq.json").read_text())
+    assert_equalized(tiny, after, report)
+    assert not torch.equal(after["fuse.bias"], tiny["fuse.bias"])  # the mean went into the bias
+    TinyFuse(classes=3).load_state_dict(after, strict=True)
+
+
+def test_convert_leaves_the_input_alone_and_writes_a_report(converted: dict[str, Any]) -> None:
+    assert digest(converted["source"]) == converted["digest"]
+    report = json.loads(Path(f"{converted['output']}.fxeq.json").read_text())
+    assert [s["name"] for s in report["sites"]] == ["cat"]
+    assert report["folded"] is True
+    assert report["command"][:2] == ["fxeq", "convert"]
+    assert report["checkpoint"] == {"path": str(converted["source"].resolve()), "sha256": converted["digest"]}
+    assert report["output"]["sha256"] == digest(converted["output"])
+    assert report["model"] == {"spec": "cli_models:TinyFuse", "kwargs": {"classes": 3}}
+    assert report["calibration"]["images"] == 4
+    assert {"torch", "torchvision", "fxeq"} <= report["versions"].keys()
+    assert sorted(p.name for p in converted["output"].parent.iterdir()) == ["tiny.fxeq.pt", "tiny.fxeq.pt.fxeq.json"]
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "lightning", "safetensors"])
+def test_convert_accepts_wrapped_and_safetensors_checkpoints(
+    wrap: str, tmp_path: Path, images: Path, tiny: dict[str, torch.Tensor]
+) -> None:
+    if wrap == "safetensors":
+        source = tmp_path / "tiny.safetensors"
+        safetensors.torch.save_file(tiny, source)
+    else:
+        source = tmp_path / "tiny.pt"
+        if wrap == "ddp":
+            torch.save({f"module.{k}": v for k, v in tiny.items()}, source)
+        else:  # Lightning: wrapped, and prefixed with the LightningModule's attribute name
+            torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in tiny.items()}}, source)
+    output = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", output, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    after = load(output)
+    assert_equalized(tiny, after, json.loads((tmp_path / "out.safetensors.fxeq.json").read_text()))
+    TinyFuse(classes=3).load_state_dict(after, strict=True)
+
+
+def test_convert_refuses_a_pickled_module_unless_trusted(tmp_path: Path, images: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyFuse(classes=3)
+    source = tmp_path / "whole.pt"
+    torch.save(model, source)
+    args = ("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "out.pt")
+    assert_fails(run_cli(*args, cwd=tmp_path), 2, "pickled", "cli_models.TinyFuse", "runs code", "--trust-pickle")
+    assert not (tmp_path / "out.pt").exists()
+    result = run_cli(*args, "--trust-pickle", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.pt.fxeq.json").read_text())
+    assert_equalized(model.state_dict(), load(tmp_path / "out.pt"), report)
+
+
+def test_convert_replaces_an_existing_output_with_force(ckpt: Path, images: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.pt"
+    output.write_bytes(b"old")
+    args = ("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
+    assert_fails(run_cli(*args, cwd=tmp_path), 2, "exists", "--force")
+    assert output.read_bytes() == b"old"
+    assert run_cli(*args, "--force", cwd=tmp_path).returncode == 0
+    TinyFuse(classes=3).load_state_dict(load(output), strict=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_convert_smp_upernet(tmp_path: Path, images: Path) -> None:
+    """A real smp model (captured with torch.export), .pt in, .safetensors out."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    kwargs = {"encoder_name": "resnet18", "encoder_weights": None, "classes": 3}
+    torch.manual_seed(0)
+    state = smp.UPerNet(**kwargs).state_dict()
+    source, output = tmp_path / "upernet.pt", tmp_path / "upernet.fxeq.safetensors"
+    torch.save(state, source)
+    result = run_cli(
+        "convert", source, "--model", "segmentation_models_pytorch:UPerNet", "--model-kwargs", json.dumps(kwargs),
+        "--calib", images, "--size", "64", "--batch-size", "2", "-o", output, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "upernet.fxeq.safetensors.fxeq.json").read_text())
+    assert report["frontend"] == "export" and len(report["sites"]) == 2
+    after = load(output)
+    assert_equalized(state, after, report)
+    smp.UPerNet(**kwargs).load_state_dict(after, strict=True)
+
+
+# ---------------------------------------------------------------------------
+# convert: bad usage and input (exit 2) and failures (exit 1)
+# ---------------------------------------------------------------------------
+
+def test_missing_checkpoint(tmp_path: Path, images: Path) -> None:
+    result = run_cli("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
+                     cwd=tmp_path)
+    assert_fails(result, 2, "nope.pt", "does not exist")
+
+
+def test_verbose_shows_the_traceback(tmp_path: Path, images: Path) -> None:
+    result = run_cli("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
+                     "--verbose", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "fxeq: error: " in result.stderr
+
+
+def test_wrong_keys(tmp_path: Path, images: Path, tiny: dict[str, torch.Tensor]) -> None:
+    state = dict(tiny)
+    state["extra.weight"] = state.pop("head.weight")
+    source = tmp_path / "tiny.pt"
+    torch.save(state, source)
+    result = run_cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt", cwd=tmp_path)
+    assert_fails(result, 2, "does not fit TinyFuse", "missing keys: 1 (head.weight)",
+                 "unexpected keys: 1 (extra.weight)", "--model-kwargs")
+
+
+def test_wrong_shapes(ckpt: Path, tmp_path: Path, images: Path) -> None:
+    result = run_cli("convert", ckpt, "--model", "cli_models:TinyFuse", "--calib", images, *DATA,
+                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    assert_fails(result, 2, "does not fit TinyFuse", "size mismatch", "--model-kwargs")
+
+
+@pytest.mark.parametrize(
+    ("files", "batch", "words"),
+    [
+        ([], "2", ["found 0 image(s)", "at least 2"]),
+        (["generated"], "2", ["found 1 image(s)", "at least 2"]),
+        (["generated", "generated"], "1", ["batch size must be at least 2", "batch normalization"]),
+        (["generated", "generated", "broken.png"], "2", ["broken.png is not a readable image"]),
+    ],
+    ids=["no-images", "one-image", "batch-size-1", "broken-image"],
+)
+def test_unusable_calibration_data(files: list[str], batch: str, words: list[str], ckpt: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    if "generated" in files:
+        generate_images(calib, files.count("generated"), size=16)
+    if "broken.png" in files:
+        (calib / "broken.png").write_text("not a png")
+    result = run_cli("convert", ckpt, *MODEL, "--calib", calib, "--size", "32", "--batch-size", batch,
+                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    assert_fails(result, 2, *words)
+
+
+def test_missing_calibration_folder(ckpt: Path, tmp_path: Path) -> None:
+    result = run_cli("convert", ckpt, *MODEL, "--calib", tmp_path / "nowhere", *DATA, "-o", tmp_path / "o.pt",
+                     cwd=tmp_path)
+    assert_fails(result, 2, "nowhere", "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        (["--model", "no_such_module:Net"], ["could not import 'no_such_module'", "install it"]),
+        (["--model", "cli_models:TinyFus"], ["has no attribute 'TinyFus'", "did you mean TinyFuse"]),
+        (["--model", "cli_models:TinyFuse", "--model-kwargs", "{classes: 3}"], ["not valid JSON", "JSON object"]),
+        (["--model", "cli_models:TinyFuse", "--model-kwargs", '{"colours": 3}'], ["colours", "keyword arguments"]),
+    ],
+    ids=["unknown-module", "unknown-callable", "bad-json", "bad-kwargs"],
+)
+def test_bad_model_arguments(model: list[str], words: list[str], ckpt: Path, tmp_path: Path, images: Path) -> None:
+    result = run_cli("convert", ckpt, *model, "--calib", images, *DATA, "-o", tmp_path / "o.pt", cwd=tmp_path)
+    assert_fails(result, 2, *words)
+
+
+def test_bad_output_suffix(ckpt: Path, tmp_path: Path, images: Path) -> None:
+    result = run_cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.onnx", cwd=tmp_path)
+    assert_fails(result, 2, "o.onnx", ".safetensors or .pt")
+
+
+def test_output_is_input(ckpt: Path, tmp_path: Path, images: Path) -> None:
+    before = digest(ckpt)
+    result = run_cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", ckpt, "--force", cwd=tmp_path)
+    assert_fails(result, 2, "is the input", "even with --force")
+    assert digest(ckpt) == before
+
+
+def test_converted_checkpoint_is_not_converted_again(converted: dict[str, Any], images: Path, tmp_path: Path) -> None:
+    result = run_cli("convert", converted["output"], *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
+                     cwd=tmp_path)
+    assert_fails(result, 2, "written by fxeq convert", "twice", "original checkpoint")
+
+
+def test_no_site_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) -> None:
+    source = tmp_path / "nofuse.pt"
+    torch.save(NoFuse().state_dict(), source)
+    result = run_cli("convert", source, "--model", "cli_models:NoFuse", "--calib", images, *DATA,
+                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    assert_fails(result, 1, "found no fusion site in NoFuse", "nothing was written")
+    assert "fxeq: 0 sites" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nofuse.pt"]
+
+
+# ---------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------
+
+def test_inspect_prints_sites_and_writes_nothing(ckpt: Path, tmp_path: Path, images: Path) -> None:
+    before = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    result = run_cli("inspect", ckpt, *MODEL, "--calib", images, *DATA, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "calibrated" in result.stdout and "site cat -> fuse; std max/min" in result.stdout
+    assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_inspect_json(tmp_path: Path, images: Path) -> None:
+    result = run_cli("inspect", *MODEL, "--calib", images, *DATA, "--all-concats", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["folded"] is False and "checkpoint" not in report
+    (site,) = report["sites"]
+    assert site["disequilibrium"] == pytest.approx(max(i["std"] for i in site["inputs"])
+                                                   / min(i["std"] for i in site["inputs"]))
+    producers = [(i["producer"], i["upsample"]) for i in site["inputs"]]
+    assert producers == [("a.1 (BatchNorm2d)", None), ("b.1 (BatchNorm2d)", "bilinear")]
+    assert report["skipped"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+
+def test_demo_runs_end_to_end_in_an_earlier_demo_folder(tmp_path: Path) -> None:
+    """The demo's own folder is reused: stale images go, the old output is replaced."""
+    workdir = tmp_path / "demo"
+    (workdir / "generated-calibration-images").mkdir(parents=True)
+    (workdir / ".fxeq-demo").write_text("")
+    (workdir / "generated-calibration-images" / "generated-texture-009.png").write_bytes(b"stale")
+    (workdir / "deeplabv3_resnet50.fxeq.safetensors").write_bytes(b"old")
+    result = run_cli("demo", "--workdir", workdir, "--size", "64", "--images", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "GENERATED 4 synthetic calibration images" in result.stderr
+    assert "fxeq convert" in result.stderr and "--force" in result.stderr
+    assert "site cat -> classifier.0.project.0; std max/min" in result.stdout
+    assert "training set" in result.stdout
+    generated = sorted(p.name for p in (workdir / "generated-calibration-images").iterdir())
+    assert generated == [f"generated-texture-{i:03d}.png" for i in range(4)]
+    state = load(workdir / "deeplabv3_resnet50.fxeq.safetensors")
+    report = json.loads((workdir / "deeplabv3_resnet50.fxeq.safetensors.fxeq.json").read_text())
+    assert_equalized(load(workdir / "deeplabv3_resnet50.pt"), state, report)
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert_fails(run_cli("demo", "--workdir", tmp_path, cwd=tmp_path), 2, "not made by fxeq demo", "--workdir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=4, metavar="N",
                       help="images per batch, at least 2 (default: 4)")
     data.add_argument("--num-batches", type=_positive_int, metavar="N", help="use at most N batches (default: all)")
-    data.add_argument("--device", default="cpu", help="where to calibrate: cpu, cuda, cuda:1... (default: cpu)")
+    data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="where to calibrate: cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
 
     parser = _Parser(prog="fxeq", description="Scale equalization for multi-level feature fusion.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -33,10 +33,9 @@ __all__ = ["Observed", "ScaleObserver", "insert_observers"]
 class ScaleObserver(nn.Module):
     """Accumulates the global mean and variance of the tensors it sees.
 
-    Each batch is centred on its own mean and reduced with
-    :func:`torch.var_mean` (one transient copy of the input; fp16/bf16 inputs
-    are reduced in fp32), then merged into float64 running ``mean`` and ``m2``
-    buffers with Chan's parallel formula. The element count is a
+    Each batch is centred on its own mean (one transient copy of the input)
+    and reduced with float64 accumulators, then merged into float64 running
+    ``mean`` and ``m2`` buffers with Chan's parallel formula. The element count is a
     host-side integer known from shapes, and everything else stays on the
     tensor's device: no host synchronization per batch.
 
@@ -72,13 +71,17 @@ class ScaleObserver(nn.Module):
         if self.mean.device != x.device:
             self.to(x.device)
         values = x.detach()
-        if values.element_size() < 4:
+        if values.element_size() < 4:  # fp16/bf16 deviations would round
             values = values.float()
-        # Centre first: deviations from a nearby shift are exact in floating point
-        # (Sterbenz), so a large mean cannot swamp a small variance.
+        n = values.numel()
+        # Centre on the batch mean first: deviations from a nearby shift are exact
+        # (Sterbenz), so a large mean cannot swamp a small variance; then sum the
+        # deviations and their squares with float64 accumulators.
         shift = values.mean()
-        var, mean = torch.var_mean(values - shift, correction=0)
-        self.merge(x.numel(), mean.double() + shift.double(), var.double() * x.numel())
+        deviation = values - shift
+        s1 = deviation.sum(dtype=torch.float64)
+        s2 = torch.linalg.vector_norm(deviation, dtype=torch.float64).square()
+        self.merge(n, shift.double() + s1 / n, s2 - s1 * s1 / n)
         self.samples += x.shape[0] if x.dim() else 1
         return x
 

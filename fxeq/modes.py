@@ -20,6 +20,10 @@ borders for the mean), different under gradient descent:
 * ``"explicit"``: the literal module, ``(x - mu) / sigma`` before each fusing
   conv, for ablations: constant nodes in a GraphModule, forward pre-hooks on a
   user's own conv modules (``inplace=True``). No state_dict key changes.
+  Chained sites are calibrated with the upstream sites folded as in
+  ``"init"``; where an upstream fusing conv has no bias (its mean cannot be
+  folded) but ``"explicit"`` subtracts it, the downstream statistics are
+  those of the ``"init"`` model.
 
 :func:`finalize` bakes "reparam" and "explicit" into plain weights for
 deployment.

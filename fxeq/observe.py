@@ -212,6 +212,7 @@ def _native_batch_norm_with_batch_statistics(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``aten._native_batch_norm_legit_no_training``'s signature, computed with batch statistics."""
     empty = x.new_empty(0)
     return _batch_norm_with_batch_statistics(x, weight, bias, eps), empty, empty
 

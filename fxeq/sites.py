@@ -148,16 +148,8 @@ def _category(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return category
 
 
-def _is_upsample(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _category(gm, node) == _UPSAMPLE
-
-
 def _is_cat(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _category(gm, node) == _CAT
-
-
-def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _category(gm, node) == _CONV
 
 
 def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:

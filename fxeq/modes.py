@@ -139,6 +139,21 @@ def register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.
         parametrize.register_parametrization(owner, local, InputScale(scale))
 
 
+def check_explicit_hooks(model: nn.Module, convs: Iterable[FusingConv]) -> None:
+    """Raise unless every conv's weight belongs to a conv module of ``model`` (where hooks go).
+
+    Raises:
+        FxEqError: naming the first weight that does not.
+    """
+    for conv in convs:
+        owner, _ = resolve_owner(model, conv.weight)
+        if not isinstance(owner, nn.modules.conv._ConvNd):
+            raise FxEqError(
+                f"mode='explicit' with inplace=True needs {conv.weight} to belong to a conv module, "
+                f"found {type(owner).__name__}; use inplace=False to get a GraphModule with explicit nodes"
+            )
+
+
 def register_explicit(
     gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
 ) -> None:
@@ -154,12 +169,8 @@ def register_explicit(
     inv_c = (1.0 / std.double()).to(weight.dtype).reshape(shape)
     hooked: set[int] = set()
     if model is not None:
-        owner, _ = resolve_owner(model, conv.weight)
-        if not isinstance(owner, nn.modules.conv._ConvNd):
-            raise FxEqError(
-                f"mode='explicit' with inplace=True needs {conv.weight} to belong to a conv module, "
-                f"found {type(owner).__name__}; use inplace=False to get a GraphModule with explicit nodes"
-            )
+        check_explicit_hooks(model, [conv])
+        owner = cast(nn.Module, resolve_owner(model, conv.weight)[0])
         bn = model.get_submodule(conv.batch_norm) if conv.batch_norm else None
         hook = _Standardize(mean_c, inv_c, conv.groups, bn)
         hook.handle = owner.register_forward_pre_hook(hook)

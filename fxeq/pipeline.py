@@ -33,7 +33,7 @@ from torch import fx, nn
 from .calibrate import InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
 from .capture import Captured, Frontend, capture, eval_mode, unwrap
 from .errors import CalibrationError, FxEqError, NoSiteWarning
-from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
+from .modes import MODES, Mode, check_explicit_hooks, keep_norms, register_explicit, register_reparam
 from .observe import Observed, insert_observers
 from .report import Report
 from .rewrite import check_not_folded, fold_site, mark_folded, site_vectors, write_parameters
@@ -263,6 +263,9 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
         raise FxEqError("convert() needs calibration statistics; call fxeq.calibrate(prepared, loader) first")
     module = prepared.captured.module
     targets = (module, prepared.model)
+    inplace_model = prepared.model if prepared.model is prepared.original else None
+    if mode == "explicit" and inplace_model is not None:  # validate before changing anything
+        check_explicit_hooks(inplace_model, [conv for site in prepared.search.sites for conv in site.convs])
     notes: dict[str, list[str]] = {}
     new = dict(prepared.new_parameters)
     for site in prepared.search.sites:
@@ -287,7 +290,6 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
                 register_reparam(targets, conv, std)
             elif mode == "explicit":
                 new.pop(conv.weight), new.pop(conv.bias or "", None)
-                inplace_model = prepared.model if prepared.model is prepared.original else None
                 register_explicit(module, inplace_model, conv, mean, std)
     write_parameters(targets, new)
     mark_folded(targets, {conv.weight: site.name for site in prepared.search.sites for conv in site.convs})

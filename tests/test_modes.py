@@ -161,3 +161,27 @@ def test_bad_mode_arguments() -> None:
         fxeq.transform(TwoBranch(), batches(), mode="bn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keep_norm applies to mode='init' only"):
         fxeq.transform(TwoBranch(), batches(), mode="reparam", keep_norm=True)
+
+
+def test_explicit_inplace_needs_conv_modules_and_changes_nothing_otherwise() -> None:
+    class Functional(nn.Module):
+        """x ── conv ──┐;  x ── pool ── conv ── up ──┴─ cat ── F.conv2d(self.w) ──  cat_1 (same) ── fuse"""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 2, 1)
+            self.b = nn.Conv2d(3, 2, 1)
+            self.fuse = nn.Conv2d(4, 2, 1)
+            self.w = nn.Parameter(torch.randn(2, 4, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            up = torch.nn.functional.interpolate(self.b(torch.nn.functional.avg_pool2d(x, 2)), scale_factor=2.0)
+            first = self.fuse(torch.cat([self.a(x), up], 1))
+            return first + torch.nn.functional.conv2d(torch.cat([up, self.a(x)], 1), self.w)
+
+    model = Functional()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxeq.FxEqError, match="w to belong to a conv module, found Functional"):
+        fxeq.transform(model, batches(), mode="explicit", inplace=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.fuse._forward_pre_hooks, "no hook may stay behind"

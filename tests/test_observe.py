@@ -105,7 +105,7 @@ def test_merge_across_ranks_equals_the_pooled_statistics(tmp_path):
             pooled[1].append(torch.randn(2, 5, generator=g).double())
     results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert results[0] == results[1], "every rank must end with the same statistics"
-    for (count, samples, mean, std), parts in zip(results[0], pooled):
+    for (count, samples, mean, std), parts in zip(results[0], pooled, strict=True):
         values = torch.cat([p.flatten() for p in parts])
         assert count == values.numel() and samples == sum(p.shape[0] for p in parts)
         assert mean == pytest.approx(values.mean().item(), rel=1e-7)

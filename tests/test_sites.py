@@ -122,7 +122,7 @@ def test_slices_tile_the_concatenation(widths: list[int], groups: int) -> None:
             low = F.avg_pool2d(x, 2)
             parts = [
                 F.interpolate(b(low), scale_factor=2.0) if w else x[:, :0]
-                for b, w in zip(self.branches, widths)
+                for b, w in zip(self.branches, widths, strict=True)
             ]
             return self.fuse(torch.cat(parts, 1))
 

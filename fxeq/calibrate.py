@@ -30,9 +30,14 @@ from tqdm.auto import tqdm
 from .errors import CalibrationError
 from .observe import ScaleObserver
 
-__all__ = ["InputFn", "InputStats", "batch_inputs", "merge_across_ranks", "run_pass"]
+__all__ = ["EMPTY_LOADER", "InputFn", "InputStats", "batch_inputs", "merge_across_ranks", "run_pass"]
 
 InputFn = Callable[[Any], "torch.Tensor | tuple[torch.Tensor, ...]"]
+
+EMPTY_LOADER = (
+    "the calibration loader yielded no batches; expected at least one batch of inputs. "
+    "Pass a non-empty DataLoader (or list of tensors), and num_batches >= 1 if you set it."
+)
 
 
 @dataclass(frozen=True)
@@ -137,10 +142,7 @@ def run_pass(
             seen += 1
             bar.update(1)
     if seen == 0:
-        raise CalibrationError(
-            "the calibration loader yielded no batches; expected at least one batch of inputs. "
-            "Pass a non-empty DataLoader (or list of tensors), and num_batches >= 1 if you set it."
-        )
+        raise CalibrationError(EMPTY_LOADER)
     return seen
 
 

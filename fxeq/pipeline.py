@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .calibrate import InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
+from .calibrate import EMPTY_LOADER, InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
 from .capture import Captured, Frontend, capture, eval_mode, unwrap
 from .errors import CalibrationError, FxEqError, NoSiteWarning
 from .modes import MODES, Mode, check_explicit_hooks, keep_norms, register_explicit, register_reparam
@@ -220,13 +220,7 @@ def _calibrate_generations(
         for site in generation:
             for inp in site.inputs:
                 stats[site.name, inp.index] = InputStats.of(observed.observers[site.name, inp.index])
-            new = fold_site(
-                site,
-                {i.index: stats[site.name, i.index].mean for i in site.inputs},
-                {i.index: stats[site.name, i.index].std for i in site.inputs},
-                current,
-                min_std=min_std,
-            )
+            new = fold_site(site, *_site_stats(stats, site), current, min_std=min_std)
             current.update(new)
             for conv in site.convs:
                 observed.use_weights(conv.weight, current[conv.weight], current.get(conv.bias or ""))
@@ -255,10 +249,7 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
         ValueError: unknown mode, or ``keep_norm`` outside ``"init"``.
         FxEqError: :func:`calibrate` has not run.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if keep_norm and mode != "init":
-        raise ValueError(f"keep_norm applies to mode='init' only, got mode={mode!r}")
+    _check_mode(mode, keep_norm)
     if prepared.search.sites and not prepared.stats:
         raise FxEqError("convert() needs calibration statistics; call fxeq.calibrate(prepared, loader) first")
     module = prepared.captured.module
@@ -269,11 +260,7 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
     notes: dict[str, list[str]] = {}
     new = dict(prepared.new_parameters)
     for site in prepared.search.sites:
-        mean, std = site_vectors(
-            site,
-            {i.index: prepared.stats[site.name, i.index].mean for i in site.inputs},
-            {i.index: prepared.stats[site.name, i.index].std for i in site.inputs},
-        )
+        mean, std = site_vectors(site, *_site_stats(prepared.stats, site))
         for conv in site.convs:
             if keep_norm and conv.batch_norm is None:
                 notes.setdefault(conv.weight, []).append(
@@ -358,8 +345,7 @@ def transform(
         >>> [s.convs[0].weight for s in deployed.fxeq_report.search.sites]
         ['classifier.0.project.0.weight']
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode, keep_norm)  # before any calibration work
     if iter(calib_loader) is calib_loader:
         raise TypeError(
             "calib_loader must be re-iterable (a DataLoader, a list of batches...), not a one-shot "
@@ -368,10 +354,7 @@ def transform(
         )
     first = next(iter(calib_loader), None)
     if first is None:
-        raise CalibrationError(
-            "the calibration loader yielded no batches; expected at least one batch of inputs. "
-            "Pass a non-empty DataLoader or list of tensors."
-        )
+        raise CalibrationError(EMPTY_LOADER)
     device, dtype = _device_and_dtype(unwrap(model))
     example = batch_inputs(first, input_fn, device=device, dtype=dtype)
     prepared = prepare(model, example, inplace=inplace, frontend=frontend, all_concats=all_concats)
@@ -390,6 +373,21 @@ def transform(
     calibrate(prepared, calib_loader, num_batches=num_batches, input_fn=input_fn,
               progress=progress, min_std=min_std)
     return convert(prepared, mode=mode, keep_norm=keep_norm)
+
+
+def _check_mode(mode: str, keep_norm: bool) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if keep_norm and mode != "init":
+        raise ValueError(f"keep_norm applies to mode='init' only, got mode={mode!r}")
+
+
+def _site_stats(stats: dict[tuple[str, int], InputStats], site: Site) -> tuple[dict[int, float], dict[int, float]]:
+    """Per input index, a site's measured means and stds."""
+    return (
+        {i.index: stats[site.name, i.index].mean for i in site.inputs},
+        {i.index: stats[site.name, i.index].std for i in site.inputs},
+    )
 
 
 def _as_tuple(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -111,7 +111,7 @@ class _ExplicitNodes:
 
 
 def keep_norms(
-    conv: FusingConv, original: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    original: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rescale each folded output channel back to its original weight norm.
 

@@ -268,7 +268,7 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
                 )
             elif keep_norm:
                 original = module.get_parameter(conv.weight)
-                new[conv.weight], bias = keep_norms(conv, original, new[conv.weight], new.get(conv.bias or ""))
+                new[conv.weight], bias = keep_norms(original, new[conv.weight], new.get(conv.bias or ""))
                 if conv.bias is not None and bias is not None:
                     new[conv.bias] = bias
                 notes.setdefault(conv.weight, []).append("keep_norm: per-output-channel weight norms restored")

@@ -61,6 +61,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxeq
+from fxeq.checkpoint import load_state_dict
 from fxeq.modes import Mode
 from fxeq.report import Report
 
@@ -454,8 +455,8 @@ def pretrained_encoder(arch: str, encoder: str, seed: int, setting: Setting) -> 
 
 
 def _load_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
-    """An encoder state_dict, or the ``encoder.`` entries of a whole model's."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """An encoder state_dict, or the ``encoder.`` entries of a whole model's (.pt or .safetensors, wrappers too)."""
+    state = load_state_dict(path)
     if any(key.startswith("encoder.") for key in state):
         return {key.removeprefix("encoder."): value for key, value in state.items() if key.startswith("encoder.")}
     return state

@@ -6,8 +6,8 @@ the conv on different scales. fxeq standardizes each concatenation input with
 its calibration mean and std (Kim & Kim, TMLR 2024) and folds that into the
 fusing conv's weights: the deployed graph is the original one.
 
-The package layout is the pipeline: :mod:`fxeq.capture` → :mod:`fxeq.sites`
-(find) → :mod:`fxeq.observe` → :mod:`fxeq.calibrate` → :mod:`fxeq.rewrite`,
+The package layout is the pipeline: :mod:`fxeq.capturing` → :mod:`fxeq.sites`
+(find) → :mod:`fxeq.observe` → :mod:`fxeq.calibration` → :mod:`fxeq.rewrite`,
 with :mod:`fxeq.modes` for the training semantics (init / reparam /
 explicit), :mod:`fxeq.report` describing the outcome and :mod:`fxeq.pipeline`
 running it all.
@@ -21,7 +21,7 @@ Example:
     1
 """
 
-from .capture import capture
+from .capturing import capture
 from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError, NoSiteWarning
 from .modes import finalize, load_plain_state_dict, plain_state_dict
 from .pipeline import Prepared, calibrate, convert, find, prepare, transform

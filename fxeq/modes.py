@@ -32,6 +32,7 @@ deployment.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal, cast
 
@@ -48,7 +49,7 @@ __all__ = ["InputScale", "Mode", "finalize", "load_plain_state_dict", "plain_sta
 Mode = Literal["init", "reparam", "explicit"]
 MODES: tuple[str, ...] = ("init", "reparam", "explicit")
 
-_HOOK = "_fxeq_explicit"
+_HOOK = "fxeq_standardize"
 _NODES = "_fxeq_explicit_nodes"
 
 
@@ -77,17 +78,25 @@ class InputScale(nn.Module):
         return raw * self.scale
 
 
-@dataclasses.dataclass
-class _Standardize:
-    """A forward pre-hook computing ``(x - mean) * inv_std`` on a conv's input."""
+class _Standardize(nn.Module):
+    """``(x - mean) * inv_std`` on a conv module's input, as its forward pre-hook.
+
+    It is also a submodule of that conv (``fxeq_standardize``), so ``.to()``,
+    ``.cuda()`` and ``.double()`` carry its tensors along; they are
+    non-persistent buffers, so state_dict keys do not change.
+    """
 
     mean: torch.Tensor
     inv_std: torch.Tensor
-    groups: int
-    batch_norm: nn.Module | None
-    handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def __init__(self, mean: torch.Tensor, inv_std: torch.Tensor, groups: int, batch_norm: nn.Module | None) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", inv_std, persistent=False)
+        self.groups = groups
+        object.__setattr__(self, "batch_norm", batch_norm)  # a reference, not a submodule
+
+    def forward(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return ((args[0] - self.mean) * self.inv_std, *args[1:])
 
 
@@ -139,21 +148,6 @@ def register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.
         parametrize.register_parametrization(owner, local, InputScale(scale))
 
 
-def check_explicit_hooks(model: nn.Module, convs: Iterable[FusingConv]) -> None:
-    """Raise unless every conv's weight belongs to a conv module of ``model`` (where hooks go).
-
-    Raises:
-        FxEqError: naming the first weight that does not.
-    """
-    for conv in convs:
-        owner, _ = resolve_owner(model, conv.weight)
-        if not isinstance(owner, nn.modules.conv._ConvNd):
-            raise FxEqError(
-                f"mode='explicit' with inplace=True needs {conv.weight} to belong to a conv module, "
-                f"found {type(owner).__name__}; use inplace=False to get a GraphModule with explicit nodes"
-            )
-
-
 def register_explicit(
     gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
 ) -> None:
@@ -169,12 +163,11 @@ def register_explicit(
     inv_c = (1.0 / std.double()).to(weight.dtype).reshape(shape)
     hooked: set[int] = set()
     if model is not None:
-        check_explicit_hooks(model, [conv])
-        owner = cast(nn.Module, resolve_owner(model, conv.weight)[0])
+        owner = model.get_submodule(conv.module)
         bn = model.get_submodule(conv.batch_norm) if conv.batch_norm else None
         hook = _Standardize(mean_c, inv_c, conv.groups, bn)
-        hook.handle = owner.register_forward_pre_hook(hook)
-        setattr(owner, _HOOK, hook)
+        owner.add_module(_HOOK, hook)
+        owner.register_forward_pre_hook(hook)
         hooked.add(id(owner))
     node = next(n for n in gm.graph.nodes if n.name == conv.node)
     if node.op == "call_module" and id(gm.get_submodule(str(node.target))) in hooked:
@@ -199,41 +192,46 @@ def register_explicit(
 # ---------------------------------------------------------------------------
 
 
-def finalize(model: nn.Module) -> list[str]:
+def finalize(model: nn.Module) -> nn.Module:
     """Bake "reparam" and "explicit" equalizers into plain conv weights, in place.
 
     Afterwards the model has its original graph and state_dict keys, and the
     same outputs in eval mode (exactly at 1x1 convs, in the interior
     otherwise). The mean goes into the conv's bias; if it has none and a
-    batch norm follows, into that batch norm's ``running_mean``.
+    batch norm follows, into that batch norm's ``running_mean``. Where it can
+    go nowhere, a warning says so.
 
     Args:
         model: a model or GraphModule returned or rewritten by
             ``fxeq.transform(..., mode="reparam" | "explicit")``.
 
     Returns:
-        Notes about means that could not be folded (empty when all were).
+        ``model``, so that ``model = fxeq.finalize(model)`` reads naturally.
 
     Example:
         >>> conv = nn.Conv2d(2, 1, 1)
         >>> _ = parametrize.register_parametrization(conv, "weight", InputScale(torch.full((1, 2, 1, 1), 0.5)))
-        >>> finalize(conv), sorted(conv.state_dict())
-        ([], ['bias', 'weight'])
+        >>> sorted(finalize(conv).state_dict())
+        ['bias', 'weight']
     """
     notes: list[str] = []
     for name, module in model.named_modules():
         if _input_scale(module) is not None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        hook = module.__dict__.pop(_HOOK, None)
+        hook = module._modules.get(_HOOK)
         if isinstance(hook, _Standardize):
-            if hook.handle is not None:
-                hook.handle.remove()
-            notes += _bake(name or "model", module.weight, module.bias, hook.batch_norm,
+            for key, value in list(module._forward_pre_hooks.items()):
+                if value is hook:
+                    del module._forward_pre_hooks[key]
+            del module._modules[_HOOK]
+            notes += _bake(name or "model", module.weight, module.bias, hook.batch_norm,  # type: ignore[arg-type]
                            hook.mean.flatten(), 1.0 / hook.inv_std.flatten().double(), hook.groups)
     if isinstance(model, fx.GraphModule):
         for record in model.__dict__.pop(_NODES, []):
             notes += _remove_explicit_nodes(model, record)
-    return notes
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return model
 
 
 def _remove_explicit_nodes(gm: fx.GraphModule, record: _ExplicitNodes) -> list[str]:

@@ -1,33 +1,37 @@
-"""Observe: build the calibration graph, with an observer on every site input.
+"""Observe: measure what each fusing conv actually receives, in the user's own model.
 
-The calibration graph is a copy of the captured graph (sharing its
-parameters) with three changes, none of which touch the deployable graph::
+fxeq does not instrument a graph. It puts one forward pre-hook on each
+site's fusing conv *module* in the eager model, after any hook the user
+registered, and observes every site input as the channel slice of the
+conv's input that it occupies::
 
-    before:  a ──────────────┐                 after:  a ── observer_0 ──┐
-             b ── upsample ──┴─ cat ─ conv              b ── upsample ── observer_1 ─┴─ cat ─ conv*
+    a ───────────────┐
+    b ── upsample ───┴─ cat ─ [user pre-hooks] ─ [fxeq pre-hook] ─ conv
+                                                  observer_0 <- x[:, 0:ca]
+                                                  observer_1 <- x[:, ca:ca+cb]
 
-1. One :class:`ScaleObserver` per (concatenation, input index) edge, so that
-   ``cat([u, u])`` observes ``u`` once per slice.
-2. Batch normalization uses batch statistics and never reads or writes its
-   running statistics: the fusing conv sees features as it does in training,
-   and the model's buffers stay exactly as they were.
-3. ``conv*``: each fusing conv reads its weight and bias from attributes of
-   the calibration graph, so that chained sites can be calibrated against
-   already-folded upstream weights without writing the model's parameters.
+So the statistics are those of the tensor the conv multiplies by its weight,
+whatever the model does on the way (hooks, buffers, dynamic shapes), and
+``cat([u, u])`` observes ``u`` once per slice. One :class:`ScaleObserver`
+per (site, input index) keeps float64 running statistics on the device.
+
+Once every observed conv of a pass has fired for a batch, the rest of the
+forward is not needed: :class:`SiteObservers` can stop it there
+(:class:`PassDone`), which saves the decoder's head and final upsampling.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from .sites import SiteSearch, _arg, _aten_name
+from .errors import CalibrationError
+from .sites import Site
 
-__all__ = ["Observed", "ScaleObserver", "insert_observers"]
+__all__ = ["PassDone", "ScaleObserver", "SiteObservers", "observation_point"]
 
 
 class ScaleObserver(nn.Module):
@@ -101,147 +105,107 @@ class ScaleObserver(nn.Module):
         return (self.m2 / self.count).sqrt() if self.count else torch.full_like(self.m2, float("nan"))
 
 
-@dataclass
-class Observed:
-    """The calibration graph and handles into it.
+class PassDone(BaseException):
+    """Raised by :class:`SiteObservers` to end a forward once nothing more is to be observed.
 
-    Attributes:
-        module: the calibration GraphModule (shares the captured parameters).
-        observers: observer per (site name, input index).
-        conv_inputs: per fusing-conv weight name, the attribute names of the
-            calibration graph that hold the (weight, bias) it computes with.
+    A ``BaseException``, so that a model's own ``except Exception`` does not swallow it.
     """
 
-    module: fx.GraphModule
-    observers: dict[tuple[str, int], ScaleObserver] = field(default_factory=dict)
-    conv_inputs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
-    def use_weights(self, weight_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Make the calibration graph compute a fusing conv with these tensors."""
-        weight_attr, bias_attr = self.conv_inputs[weight_name]
-        setattr(self.module, weight_attr, weight)
-        if bias_attr is not None and bias is not None:
-            setattr(self.module, bias_attr, bias)
+def observation_point(model: nn.Module, site: Site) -> nn.Module | str:
+    """The conv module whose input is observed for ``site``, or why there is none.
 
-
-def insert_observers(gm: fx.GraphModule, search: SiteSearch) -> Observed:
-    """Build the calibration graph of ``gm`` for the sites in ``search``.
-
-    ``gm`` itself is not modified.
+    It is the module that owns the first fusing conv's weight, and it must be
+    a conv module that holds that weight as its own ``weight`` parameter: then
+    its pre-hooks see exactly the tensor the conv multiplies by the weight.
 
     Example:
-        >>> from fxeq.capture import capture
-        >>> from fxeq.sites import find_sites
-        >>> class Fuse(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.conv = nn.Conv2d(6, 2, 1)
-        ...     def forward(self, a, b):
-        ...         b = F.interpolate(b, scale_factor=2.0)
-        ...         return self.conv(torch.cat([a, b], dim=1))
-        >>> x = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4))
-        >>> gm = capture(Fuse(), x).module
-        >>> observed = insert_observers(gm, find_sites(gm))
-        >>> _ = observed.module(*x)
-        >>> sorted(observed.observers), observed.observers["cat", 1].count
-        ([('cat', 0), ('cat', 1)], 384)
+        >>> from fxeq.sites import FusingConv, SiteInput
+        >>> conv = FusingConv("c", "c", "c.weight", None, 1, False, False)
+        >>> site = Site("cat", (SiteInput(0, "a", (0, 3), "a"),), (conv,))
+        >>> type(observation_point(nn.ModuleDict({"c": nn.Conv2d(3, 1, 1)}), site)).__name__
+        'Conv2d'
     """
-    graph = copy.deepcopy(gm.graph)
-    observed = Observed(fx.GraphModule(gm, graph))
-    nodes = {n.name: n for n in graph.nodes}
-    for site in search.sites:
-        cat = nodes[site.name]
-        tensors = list(_arg(cat, 0, "tensors"))  # type: ignore[call-overload]
-        for inp in site.inputs:
-            name = f"fxeq_observer_{len(observed.observers)}"
-            observer = ScaleObserver()
-            observed.module.add_submodule(name, observer)
-            observed.observers[site.name, inp.index] = observer
-            with graph.inserting_before(cat):
-                tensors[inp.index] = graph.call_module(name, (tensors[inp.index],))
-        if cat.args:
-            cat.update_arg(0, tensors)
-        else:
-            cat.update_kwarg("tensors", tensors)
-        for conv in site.convs:
-            _redirect_conv_parameters(observed, gm, nodes[conv.node], conv.weight, conv.bias)
-    for node in list(graph.nodes):
-        _use_batch_statistics(observed.module, node)
-    graph.lint()
-    observed.module.recompile()
-    return observed
+    conv = site.convs[0]
+    try:
+        module = model.get_submodule(conv.module) if conv.module else model
+    except AttributeError:
+        return f"the model has no module {conv.module!r} (the owner of {conv.weight})"
+    local = conv.weight.rpartition(".")[2]
+    if not isinstance(module, nn.modules.conv._ConvNd) or local != "weight":
+        return (f"its conv weight {conv.weight} belongs to a {type(module).__name__}, not to a conv module "
+                "(fxeq observes the input of the conv module that owns the weight)")
+    return module
 
 
-def _redirect_conv_parameters(
-    observed: Observed, gm: fx.GraphModule, conv: fx.Node, weight: str, bias: str | None
-) -> None:
-    graph = observed.module.graph
-    k = len(observed.conv_inputs)
-    weight_attr = f"fxeq_weight_{k}"
-    bias_attr = f"fxeq_bias_{k}" if bias is not None else None
-    observed.module.register_buffer(weight_attr, gm.get_parameter(weight).detach(), persistent=False)
-    if bias is not None and bias_attr is not None:
-        observed.module.register_buffer(bias_attr, gm.get_parameter(bias).detach(), persistent=False)
-    observed.conv_inputs[weight] = (weight_attr, bias_attr)
-    with graph.inserting_before(conv):
-        w = graph.get_attr(weight_attr)
-        b = graph.get_attr(bias_attr) if bias_attr is not None else None
-        if conv.op == "call_module":
-            module = graph.get_attr(str(conv.target))
-            replacement = graph.call_function(_conv_forward, (module, conv.args[0], w, b))
-            conv.replace_all_uses_with(replacement)
-            graph.erase_node(conv)
-            return
-    conv.update_arg(1, w)
-    if b is not None:
-        conv.update_arg(2, b)
+class SiteObservers:
+    """Forward pre-hooks observing every input of some sites at their fusing convs.
 
+    Args:
+        model: the eager model whose conv modules get the hooks.
+        sites: the sites to observe; :func:`observation_point` must accept each.
+        stop_early: end each forward (raise :class:`PassDone`) once every
+            observed conv has fired. Default: True.
 
-def _conv_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Run a conv module with the given weight and bias (its padding mode included)."""
-    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+    Use as a context manager: hooks are registered on entry and removed on exit.
 
+    Example:
+        >>> from fxeq.sites import FusingConv, SiteInput
+        >>> net = nn.Sequential(nn.Conv2d(5, 1, 1))
+        >>> inputs = (SiteInput(0, "a", (0, 2), "a"), SiteInput(1, "b", (2, 5), "b"))
+        >>> site = Site("cat", inputs, (FusingConv("c", "0", "0.weight", "0.bias", 1, False, False),))
+        >>> with SiteObservers(net, [site]) as observers:
+        ...     observers.run(net, (torch.ones(2, 5, 4, 4),), {})
+        >>> observers.observers["cat", 1].count, observers.observers["cat", 1].mean.item()
+        (96, 1.0)
+    """
 
-def _batch_norm_with_batch_statistics(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    def __init__(self, model: nn.Module, sites: Iterable[Site], *, stop_early: bool = True) -> None:
+        self.observers: dict[tuple[str, int], ScaleObserver] = {}
+        self._points: dict[int, tuple[nn.Module, Site, list[tuple[slice, ScaleObserver]]]] = {}
+        for site in sites:
+            module = observation_point(model, site)
+            if isinstance(module, str):
+                raise CalibrationError(f"site {site.name!r}: {module}")
+            slices = []
+            for inp in site.inputs:
+                observer = self.observers[site.name, inp.index] = ScaleObserver()
+                slices.append((slice(*inp.channels), observer))
+            self._points[id(module)] = (module, site, slices)
+        self.stop_early = stop_early
+        self._pending: set[int] = set()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    def __enter__(self) -> SiteObservers:
+        for module, _, _ in self._points.values():
+            self._handles.append(module.register_forward_pre_hook(self._observe))
+        return self
 
-def _native_batch_norm_with_batch_statistics(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``aten._native_batch_norm_legit_no_training``'s signature, computed with batch statistics."""
-    empty = x.new_empty(0)
-    return _batch_norm_with_batch_statistics(x, weight, bias, eps), empty, empty
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
+    def run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Run ``forward(*args, **kwargs)``, stopping early once every observed conv has fired."""
+        self._pending = set(self._points)
+        try:
+            forward(*args, **kwargs)
+        except PassDone:
+            pass
 
-def _use_batch_statistics(module: fx.GraphModule, node: fx.Node) -> None:
-    """Rewrite one batch-norm node to normalize with batch statistics only."""
-    graph = module.graph
-    if node.op == "call_module":
-        bn = module.get_submodule(str(node.target))
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            return
-        with graph.inserting_before(node):
-            weight = graph.get_attr(f"{node.target}.weight") if bn.weight is not None else None
-            bias = graph.get_attr(f"{node.target}.bias") if bn.bias is not None else None
-            new = graph.call_function(_batch_norm_with_batch_statistics, (node.args[0], weight, bias, bn.eps))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    elif node.op == "call_function":
-        aten = _aten_name(node.target)
-        if aten == "batch_norm":  # (x, weight, bias, running_mean, running_var, training, ...)
-            args = list(node.args)
-            args[3:6] = [None, None, True]
-            node.args = tuple(args)
-        elif aten == "_native_batch_norm_legit_no_training":
-            node.target = _native_batch_norm_with_batch_statistics
-        elif node.target is F.batch_norm:  # (x, running_mean, running_var, weight, bias, training, ...)
-            kwargs = dict(zip(_F_BATCH_NORM_ARGS, node.args, strict=False)) | dict(node.kwargs)
-            kwargs.update(running_mean=None, running_var=None, training=True)
-            node.args, node.kwargs = (), kwargs
-
-
-_F_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    def _observe(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        _, site, slices = self._points[id(module)]
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != site.channels:
+            found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CalibrationError(
+                f"site {site.name!r}: its conv {site.convs[0].module} was expected to receive the "
+                f"{site.channels}-channel concatenation, but received {found}. The model computes something "
+                "else on this batch than on the batch it was captured with; calibrate with batches like it."
+            )
+        for channels, observer in slices:
+            observer(x[:, channels])
+        self._pending.discard(id(module))
+        if self.stop_early and not self._pending:
+            raise PassDone

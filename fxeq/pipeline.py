@@ -1,10 +1,11 @@
-"""The public pipeline: find → prepare (observe) → calibrate → convert (rewrite).
+"""The public pipeline: find → prepare → calibrate → convert (rewrite).
 
 :func:`transform` runs all of it::
 
-    model ── capture ── find_sites ── insert_observers ── calibration passes ── fold ── GraphModule
-             (fx/export)  (report)     (calibration graph)  (float64 stats)     (new weights,
-                                                                                 original graph)
+    model ── capture ─── find_sites ──── calibration passes ────── fold ──── GraphModule
+             (fx/export,  (a graph, for    (the eager model, hooks    (new weights,
+              one batch)   analysis only)   at the fusing convs,       original graph)
+                                            one pass per generation)
 
 The steps are public too, in the spirit of torch.ao's prepare/convert::
 
@@ -14,9 +15,14 @@ The steps are public too, in the spirit of torch.ao's prepare/convert::
 
 Copy by default: the input model is untouched unless ``inplace=True``, in which
 case its own parameters are rewritten as well, so its class, methods and
-state_dict keys keep working in training code. Either way the rewrite is
-transactional: nothing is written until every new tensor has been computed
-and validated.
+state_dict keys keep working in training code, at any input size. Either way
+the rewrite is transactional: nothing is written until every new tensor has
+been computed and validated, and capture and calibration restore every
+buffer and training flag they touch.
+
+The returned GraphModule shares the rewritten parameters. From the export
+frontend it is specialized to the first batch's spatial size (its batch size
+stays dynamic) and refuses another size with the fix, unless ``dynamic=True``.
 """
 
 from __future__ import annotations
@@ -24,68 +30,87 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from .calibrate import EMPTY_LOADER, InputFn, InputStats, batch_inputs, merge_across_ranks, run_pass
-from .capture import Captured, Frontend, capture, eval_mode, unwrap
-from .errors import CalibrationError, FxEqError, NoSiteWarning
-from .modes import MODES, Mode, check_explicit_hooks, keep_norms, register_explicit, register_reparam
-from .observe import Observed, insert_observers
+from .calibration import (
+    Calibration,
+    CalibrationData,
+    InputFn,
+    InputStats,
+    batch_inputs,
+    calibrate_sites,
+    check_arguments,
+    model_device_and_dtype,
+)
+from .capturing import Captured, Frontend, Inputs, as_inputs, capture, unwrap
+from .errors import AlreadyEqualizedError, FxEqError, NoSiteWarning
+from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
+from .observe import observation_point
 from .report import Report
-from .rewrite import check_not_folded, fold_site, mark_folded, site_vectors, write_parameters
-from .sites import Site, SiteSearch, find_sites
+from .rewrite import check_not_equalized, mark_folded, site_vectors, write_parameters
+from .sites import Site, SiteSearch, Skipped, find_sites
 
 __all__ = ["Prepared", "calibrate", "convert", "find", "prepare", "transform"]
+
+Example = torch.Tensor | tuple[Any, ...] | dict[str, Any]
 
 
 @dataclass
 class Prepared:
-    """A model captured, searched and instrumented, waiting for calibration.
+    """A model captured and searched, waiting for calibration.
 
     Attributes:
-        model: the model that is rewritten on :func:`convert` (the user's own
+        model: the model that is calibrated and rewritten (the user's own
             with ``inplace=True``, else a private copy).
         original: the model as passed (unwrapped).
         captured: the deployable graph.
         search: sites and skipped concatenations.
-        observed: the calibration graph.
-        stats: per (site, input index), filled by :func:`calibrate`.
-        new_parameters: per parameter name, the folded tensor, filled by :func:`calibrate`.
+        calibration: filled by :func:`calibrate`.
+        converted: the mode :func:`convert` used, once it has run.
     """
 
     model: nn.Module
     original: nn.Module
     captured: Captured
     search: SiteSearch
-    observed: Observed
-    stats: dict[tuple[str, int], InputStats] = field(default_factory=dict)
-    new_parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    converted: str | None = None
+
+    @property
+    def stats(self) -> dict[tuple[str, int], InputStats]:
+        """Per (site, input index), the measured statistics (empty before calibration)."""
+        return self.calibration.stats if self.calibration else {}
 
     @property
     def report(self) -> Report:
         """The report as it stands."""
-        return Report(self.search, self.captured.frontend, dict(self.stats), folded=False)
+        return Report(self.search, self.captured.frontend, dict(self.stats), folded=self.converted is not None,
+                      mode=self.converted or "init", calibration=self.calibration)
 
 
 def find(
     model: nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Example,
     *,
     frontend: Frontend = "auto",
     all_concats: bool = False,
+    dynamic: bool = False,
 ) -> Report:
     """Find the fusion sites of a model; nothing is changed.
 
     Args:
         model: the model.
-        example_inputs: one batch of inputs (a Tensor or a tuple of Tensors).
+        example_inputs: one batch: a Tensor, a tuple of positional inputs, or
+            a dict of keyword arguments.
         frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
         all_concats: also count concatenations without an upsampled input.
             Default: False.
+        dynamic: export with symbolic spatial sizes (slow). Default: False.
 
     Returns:
         An uncalibrated :class:`~fxeq.report.Report`.
@@ -96,39 +121,45 @@ def find(
         >>> find(net, torch.randn(2, 3, 64, 64)).search.sites
         ()
     """
-    model = unwrap(model)
-    inputs = _as_tuple(example_inputs)
-    captured = capture(model, inputs, frontend=frontend)
-    return Report(find_sites(captured.module, all_concats=all_concats), captured.frontend)
+    model = _checked_model(model)
+    with torch.no_grad():
+        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic)
+    return Report(_observable(find_sites(captured.module, all_concats=all_concats), model), captured.frontend)
 
 
 def prepare(
     model: nn.Module,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: Example | Inputs,
     *,
     inplace: bool = False,
     frontend: Frontend = "auto",
     all_concats: bool = False,
+    dynamic: bool = False,
 ) -> Prepared:
-    """Capture the model, find its sites and build the calibration graph.
+    """Capture the model and find its sites.
 
     Args:
-        model: the model (DataParallel/DDP are unwrapped).
-        example_inputs: one batch of inputs, on the model's device. A batch of
-            one sample is repeated to two, so that torch.export keeps the
-            batch size dynamic.
+        model: the model (DataParallel, DDP and torch.compile are unwrapped).
+        example_inputs: one batch of inputs on the model's device: a Tensor,
+            a tuple of positional inputs, or a dict of keyword arguments. A
+            batch of one sample is repeated to two, so that torch.export keeps
+            the batch size dynamic.
         inplace: rewrite ``model``'s own parameters on :func:`convert`.
             Default: False (work on a deep copy).
         frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
         all_concats: also equalize concatenations with no upsampled input
             (FCN ``concat_input`` heads). Default: False.
+        dynamic: export with symbolic spatial sizes, so that the returned
+            GraphModule takes any size (can cost minutes). Default: False.
 
     Raises:
-        CaptureError: the model could not be captured.
-        AlreadyEqualizedError: a fusing conv was already rescaled by fxeq.
+        ValueError: the model has parameters on the meta device.
+        CaptureError: the model could not run or be captured.
+        AlreadyEqualizedError: fxeq already equalized a conv of the model.
     """
-    original = unwrap(model)
-    inputs = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in _as_tuple(example_inputs))
+    original = _checked_model(model)
+    args, kwargs = as_inputs(example_inputs)
+    args, kwargs = pytree.tree_map_only(torch.Tensor, _at_least_two, (args, kwargs))
     try:
         target = original if inplace else copy.deepcopy(original)
     except Exception as e:
@@ -136,94 +167,59 @@ def prepare(
             f"could not copy {type(original).__name__} with copy.deepcopy ({type(e).__name__}: {e}); fxeq works "
             "on a copy unless inplace=True. Make the model deep-copyable, or pass inplace=True."
         ) from e
-    captured = capture(target, inputs, frontend=frontend)
-    search = find_sites(captured.module, all_concats=all_concats)
-    for site in search.sites:
-        check_not_folded((original, captured.module), site.convs)
-    return Prepared(target, original, captured, search, insert_observers(captured.module, search))
+    with torch.no_grad():
+        captured = capture(target, (args, kwargs), frontend=frontend, dynamic=dynamic)
+    search = _observable(find_sites(captured.module, all_concats=all_concats), target)
+    return Prepared(target, original, captured, search)
 
 
 def calibrate(
     prepared: Prepared,
-    calib_loader: Iterable[Any],
+    calib_loader: Iterable[Any] | CalibrationData,
     *,
     num_batches: int | None = None,
     input_fn: InputFn | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     min_std: float = 1e-6,
+    one_pass: bool = False,
 ) -> Prepared:
     """Measure every site input and compute the folded weights (not yet written).
 
-    Runs one pass over the loader per level of the site-dependency graph (one
-    pass unless fusing convs feed other sites without normalization between).
+    Runs the prepared model eagerly over the loader, one pass per generation
+    of chained sites (see :mod:`fxeq.calibration`).
 
     Args:
         prepared: from :func:`prepare`.
-        calib_loader: re-iterable batches (a DataLoader, a list of tensors...).
+        calib_loader: batches (a DataLoader, a list of tensors...); it must be
+            re-iterable when the model has chained sites.
         num_batches: use at most this many batches per pass. Default: all.
-        input_fn: maps a batch to the model's input(s); needed when a batch
-            is not a Tensor or a tuple/list with the input first.
-        progress: show a tqdm progress bar. Default: False.
+        input_fn: maps a batch to the model's input; needed when a batch is
+            not a Tensor, a tuple/list with the input first, or a dict of
+            keyword arguments. It may return a Tensor, a tuple or a dict.
+        progress: show a progress bar; None shows one when stderr is a
+            terminal. Default: None.
         min_std: smallest std accepted for an input. Default: 1e-6.
+        one_pass: measure chained sites in a single pass on the unfolded
+            model (faster, approximate downstream). Default: False.
 
     Returns:
-        ``prepared``, with ``stats`` and ``new_parameters`` filled in.
+        ``prepared``, with ``calibration`` filled in.
 
     Raises:
+        AlreadyEqualizedError: ``prepared`` was already converted.
         CalibrationError: empty loader, failing batch, unusable statistics.
     """
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-    observed = prepared.observed
-    current = {
-        name: prepared.captured.module.get_parameter(name).detach()
-        for site in prepared.search.sites
-        for conv in site.convs
-        for name in (conv.weight, conv.bias)
-        if name is not None
-    }
-    generations = prepared.search.generations()
-    stats: dict[tuple[str, int], InputStats] = {}
-    with eval_mode(observed.module):
-        _calibrate_generations(prepared, generations, stats, current, calib_loader, num_batches=num_batches,
-                               input_fn=input_fn, progress=progress, min_std=min_std)
-    prepared.stats = stats
-    prepared.new_parameters = current
-    return prepared
-
-
-def _calibrate_generations(
-    prepared: Prepared,
-    generations: list[tuple[Site, ...]],
-    stats: dict[tuple[str, int], InputStats],
-    current: dict[str, torch.Tensor],
-    calib_loader: Iterable[Any],
-    *,
-    num_batches: int | None,
-    input_fn: InputFn | None,
-    progress: bool,
-    min_std: float,
-) -> None:
-    device, dtype = _device_and_dtype(prepared.model)
-    observed = prepared.observed
-    for level, generation in enumerate(generations):
-        active = {(site.name, inp.index) for site in generation for inp in site.inputs}
-        for key, observer in observed.observers.items():
-            observer.reset()
-            observer.enabled = key in active
-        desc = "fxeq calibration" + (f" {level + 1}/{len(generations)}" if len(generations) > 1 else "")
-        run_pass(
-            observed.module, calib_loader, input_fn=input_fn, num_batches=num_batches,
-            device=device, dtype=dtype, progress=progress, desc=desc,
+    if prepared.converted is not None:
+        raise AlreadyEqualizedError(
+            f"this Prepared was already converted (mode={prepared.converted!r}); calibrating it again would "
+            "measure the equalized model and equalize twice. Call fxeq.prepare on the original model instead."
         )
-        merge_across_ranks([observed.observers[key] for key in sorted(active)])
-        for site in generation:
-            for inp in site.inputs:
-                stats[site.name, inp.index] = InputStats.of(observed.observers[site.name, inp.index])
-            new = fold_site(site, *_site_stats(stats, site), current, min_std=min_std)
-            current.update(new)
-            for conv in site.convs:
-                observed.use_weights(conv.weight, current[conv.weight], current.get(conv.bias or ""))
+    data = calib_loader if isinstance(calib_loader, CalibrationData) else CalibrationData(calib_loader)
+    prepared.calibration = calibrate_sites(
+        prepared.model, prepared.search, data, num_batches=num_batches, input_fn=input_fn,
+        progress=progress, min_std=min_std, one_pass=one_pass,
+    )
+    return prepared
 
 
 def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> fx.GraphModule:
@@ -247,18 +243,22 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
 
     Raises:
         ValueError: unknown mode, or ``keep_norm`` outside ``"init"``.
+        AlreadyEqualizedError: ``prepared`` was already converted.
         FxEqError: :func:`calibrate` has not run.
     """
     _check_mode(mode, keep_norm)
-    if prepared.search.sites and not prepared.stats:
+    if prepared.converted is not None:
+        raise AlreadyEqualizedError(
+            f"this Prepared was already converted (mode={prepared.converted!r}); converting again would "
+            "equalize twice. Use the module the first convert returned."
+        )
+    if prepared.search.sites and prepared.calibration is None:
         raise FxEqError("convert() needs calibration statistics; call fxeq.calibrate(prepared, loader) first")
     module = prepared.captured.module
     targets = (module, prepared.model)
     inplace_model = prepared.model if prepared.model is prepared.original else None
-    if mode == "explicit" and inplace_model is not None:  # validate before changing anything
-        check_explicit_hooks(inplace_model, [conv for site in prepared.search.sites for conv in site.convs])
     notes: dict[str, list[str]] = {}
-    new = dict(prepared.new_parameters)
+    new = dict(prepared.calibration.parameters) if prepared.calibration else {}
     for site in prepared.search.sites:
         mean, std = site_vectors(site, *_site_stats(prepared.stats, site))
         for conv in site.convs:
@@ -280,11 +280,12 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
                 register_explicit(module, inplace_model, conv, mean, std)
     write_parameters(targets, new)
     mark_folded(targets, {conv.weight: site.name for site in prepared.search.sites for conv in site.convs})
+    prepared.converted = mode
     if prepared.model is not prepared.original:
         module.eval()
     module.fxeq_report = Report(  # type: ignore[assignment]
         prepared.search, prepared.captured.frontend, dict(prepared.stats),
-        folded=bool(prepared.search.sites), mode=mode, notes=notes,
+        folded=bool(prepared.search.sites), mode=mode, notes=notes, calibration=prepared.calibration,
     )
     return module
 
@@ -298,39 +299,52 @@ def transform(
     all_concats: bool = False,
     num_batches: int | None = None,
     input_fn: InputFn | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     min_std: float = 1e-6,
     mode: Mode = "init",
     keep_norm: bool = False,
+    one_pass: bool = False,
+    dynamic: bool = False,
 ) -> fx.GraphModule:
     """Equalize the scales of every multi-level fusion in ``model``.
 
     Finds interpolate → cat → conv sites, measures each concatenation input's
-    global mean and std on the calibration batches (batch norm with batch
-    statistics, dropout off), and folds ``(x - mean) / std`` into the fusing
-    convs' weights and biases. The result computes the original graph with new
-    weights: no node is added.
+    global mean and std on the calibration batches as its fusing conv receives
+    it (batch norm with batch statistics, dropout off, chained sites one at a
+    time), and folds ``(x - mean) / std`` into the fusing convs' weights and
+    biases. The result computes the original graph with new weights: no node
+    is added.
 
     Args:
         model: the model.
-        calib_loader: re-iterable calibration batches; each a Tensor, or a
-            tuple/list with the input first, or anything ``input_fn`` maps.
-            The first batch is also the example input for capture.
+        calib_loader: calibration batches; each a Tensor, a tuple/list with
+            the input first, a dict of keyword arguments (Hugging Face), or
+            anything ``input_fn`` maps. Every batch is used, the first one
+            also to capture the model. Re-iterable when the model has chained
+            sites (a list, a DataLoader).
         inplace: also rewrite ``model``'s own parameters. Default: False.
         frontend: ``"auto"`` (fx, else export), ``"fx"`` or ``"export"``.
         all_concats: also equalize concatenations without upsampled inputs.
         num_batches: at most this many batches per pass. Default: all.
-        input_fn: batch → input tensor(s). Default: None.
-        progress: show a progress bar. Default: False.
+        input_fn: batch → the model's input (Tensor, tuple or dict). Default: None.
+        progress: show a progress bar; None (default) shows one when stderr
+            is a terminal.
         min_std: smallest accepted input std. Default: 1e-6.
         mode: ``"init"``, ``"reparam"`` or ``"explicit"``; see :func:`convert`
             and :mod:`fxeq.modes`. Default: ``"init"`` (as in the paper).
         keep_norm: with ``"init"``, restore per-output-channel weight norms
             where a batch norm follows. Default: False.
+        one_pass: measure chained sites in one pass on the unfolded model
+            (approximate downstream; the report says so). Default: False.
+        dynamic: export with symbolic spatial sizes, so that the returned
+            GraphModule accepts any size; can cost minutes. Default: False.
 
     Returns:
-        The deployable GraphModule in eval mode, with its report at ``.fxeq_report``.
-        A model without any site comes back unchanged, with a warning.
+        The deployable GraphModule in eval mode, with its report at
+        ``.fxeq_report``. From the export frontend it accepts any batch size
+        but only the first batch's spatial size, unless ``dynamic=True``; with
+        ``inplace=True`` your own model takes every size. A model without any
+        site comes back unchanged, with a warning.
 
     Raises:
         CaptureError, CalibrationError, AlreadyEqualizedError: see the messages.
@@ -342,37 +356,70 @@ def transform(
         ...     weights=None, weights_backbone=None)
         >>> batches = [torch.randn(2, 3, 64, 64) for _ in range(2)]
         >>> deployed = transform(net, batches)
-        >>> [s.convs[0].weight for s in deployed.fxeq_report.search.sites]
-        ['classifier.0.project.0.weight']
+        >>> [s.convs[0].module for s in deployed.fxeq_report.search.sites]
+        ['classifier.0.project.0']
     """
-    _check_mode(mode, keep_norm)  # before any calibration work
-    if iter(calib_loader) is calib_loader:
-        raise TypeError(
-            "calib_loader must be re-iterable (a DataLoader, a list of batches...), not a one-shot "
-            f"{type(calib_loader).__name__}: fxeq reads it once for capture and again per calibration pass. "
-            "Wrap it: list(batches)."
-        )
-    first = next(iter(calib_loader), None)
-    if first is None:
-        raise CalibrationError(EMPTY_LOADER)
-    device, dtype = _device_and_dtype(unwrap(model))
-    example = batch_inputs(first, input_fn, device=device, dtype=dtype)
-    prepared = prepare(model, example, inplace=inplace, frontend=frontend, all_concats=all_concats)
+    _check_mode(mode, keep_norm)  # before any work
+    check_arguments(num_batches=num_batches, min_std=min_std)
+    original = _checked_model(model)
+    data = CalibrationData(calib_loader)
+    device, dtype = model_device_and_dtype(original)
+    example = batch_inputs(data.first(), input_fn, model=original, device=device, dtype=dtype)
+    prepared = prepare(original, example, inplace=inplace, frontend=frontend, all_concats=all_concats,
+                       dynamic=dynamic)
     if not prepared.search.sites:
+        reasons = "".join(f"\n  {s.node}: {s.reason}" for s in prepared.search.skipped[:8])
         warnings.warn(
-            f"fxeq found no fusion site in {type(prepared.original).__name__}: it looks for a channel "
+            f"fxeq found no fusion site in {type(original).__name__}: it looks for a channel "
             "concatenation (torch.cat, dim=1) with an upsampled input (F.interpolate, nn.Upsample, "
-            "aten.upsample_*) whose output feeds a conv. The model is returned unchanged. "
-            f"{len(prepared.search.skipped)} concatenations were skipped; see .fxeq_report"
-            + ("" if all_concats else ", or pass all_concats=True for same-resolution concatenations")
-            + ".",
+            "aten.upsample_*) whose output feeds a conv. The model is returned unchanged."
+            + (f" Skipped concatenations:{reasons}" if reasons else "")
+            + ("" if all_concats else "\nPass all_concats=True for same-resolution concatenations."),
             NoSiteWarning,
             stacklevel=2,
         )
         return convert(prepared, mode=mode)
-    calibrate(prepared, calib_loader, num_batches=num_batches, input_fn=input_fn,
-              progress=progress, min_std=min_std)
+    calibrate(prepared, data, num_batches=num_batches, input_fn=input_fn, progress=progress,
+              min_std=min_std, one_pass=one_pass)
     return convert(prepared, mode=mode, keep_norm=keep_norm)
+
+
+def _checked_model(model: nn.Module) -> nn.Module:
+    """Unwrap the model and refuse what fxeq cannot work on, before any work."""
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"{type(model).__name__} has tensors on the meta device (e.g. {meta}): they hold no values to "
+            "calibrate or rescale. Load real weights first, e.g. model.to_empty(device='cpu') and then "
+            "model.load_state_dict(state)."
+        )
+    check_not_equalized(model)
+    return model
+
+
+def _observable(search: SiteSearch, model: nn.Module) -> SiteSearch:
+    """Move the sites whose conv input cannot be observed in ``model`` to the skipped list."""
+    keep: list[Site] = []
+    skipped = list(search.skipped)
+    for site in search.sites:
+        point = observation_point(model, site)
+        if isinstance(point, str):
+            skipped.append(Skipped(site.name, point))
+        else:
+            keep.append(site)
+    if len(keep) == len(search.sites):
+        return search
+    names = {s.name for s in keep}
+    kept = [replace(s, depends_on=tuple(d for d in s.depends_on if d in names)) for s in keep]
+    return SiteSearch(tuple(kept), tuple(skipped))
+
+
+def _at_least_two(t: torch.Tensor) -> torch.Tensor:
+    """A batch of one sample, repeated: torch.export specializes a batch size of 1."""
+    return torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
 
 
 def _check_mode(mode: str, keep_norm: bool) -> None:
@@ -388,14 +435,3 @@ def _site_stats(stats: dict[tuple[str, int], InputStats], site: Site) -> tuple[d
         {i.index: stats[site.name, i.index].mean for i in site.inputs},
         {i.index: stats[site.name, i.index].std for i in site.inputs},
     )
-
-
-def _as_tuple(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-
-
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.device, param.dtype
-    return None, None

@@ -12,11 +12,11 @@ import json
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .calibrate import InputStats
+from .calibration import Calibration, InputStats
 from .sites import FusingConv, Site, SiteSearch
 
 __all__ = ["Report", "versions"]
@@ -71,12 +71,22 @@ class Report:
     """
 
     search: SiteSearch
-    frontend: str
+    frontend: Literal["fx", "export"]
     stats: Mapping[tuple[str, int], InputStats] = field(default_factory=dict)
     folded: bool = False
-    mode: str = "init"
+    mode: Literal["init", "reparam", "explicit"] = "init"
     notes: dict[str, list[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+
+    def calibration_summary(self) -> dict[str, Any] | None:
+        """Passes, batches, time and semantics of the calibration, or None before it."""
+        c = self.calibration
+        if c is None:
+            return None
+        semantics = ("one pass: sites downstream of another site are approximate" if c.one_pass and c.passes
+                     else "one site at a time, each measured after the folds upstream of it")
+        return {"passes": c.passes, "batches": c.batches, "seconds": round(c.seconds, 3), "semantics": semantics}
 
     def disequilibrium(self, site: Site) -> float | None:
         """Largest over smallest input std at a site, or None before calibration."""
@@ -115,7 +125,8 @@ class Report:
                 "disequilibrium": self.disequilibrium(site), "notes": list(site.notes),
             })
         return {
-            "frontend": self.frontend, "folded": self.folded, "mode": self.mode, "sites": sites,
+            "frontend": self.frontend, "folded": self.folded, "mode": self.mode,
+            "calibration": self.calibration_summary(), "sites": sites,
             "skipped": [{"node": s.node, "reason": s.reason} for s in self.search.skipped],
             "versions": versions(), **self.extra,
         }
@@ -128,9 +139,14 @@ class Report:
         """The report as a plain-text table."""
         state = f"mode {self.mode}" if self.folded else ("calibrated" if self.stats else "not calibrated")
         lines = [
-            f"fxeq: {len(self.search.sites)} sites, {len(self.search.skipped)} concatenations skipped "
+            f"fxeq: {_plural(len(self.search.sites), 'site')}, "
+            f"{_plural(len(self.search.skipped), 'concatenation')} skipped "
             f"(frontend {self.frontend}, {state})"
         ]
+        summary = self.calibration_summary()
+        if summary is not None:
+            lines.append(f"calibration: {summary['semantics']}; {_plural(summary['passes'], 'pass', 'passes')}, "
+                         f"{_plural(summary['batches'], 'batch', 'batches')}, {summary['seconds']:.2f} s")
         for site in self.search.sites:
             convs = ", ".join(c.weight.rsplit(".", 1)[0] for c in site.convs)
             ratio = self.disequilibrium(site)
@@ -170,3 +186,7 @@ def _scale(scale: tuple[float, ...] | None) -> str:
     if len(set(scale)) == 1:
         return f"{scale[0]:.3g}"
     return "/".join(f"{s:.3g}" for s in scale)
+
+
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"

@@ -20,20 +20,22 @@ tensor before it changes any parameter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .errors import AlreadyEqualizedError, FxEqError
+from .errors import AlreadyEqualizedError, CalibrationError, FxEqError
 from .sites import FusingConv, Site
 
 __all__ = [
-    "check_not_folded", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner",
+    "check_not_equalized", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner",
     "site_vectors", "write_parameters",
 ]
 
 _MARK = "_fxeq_folded"
+_CONSTANT = 1e-5  # std / |mean| below which an input is constant up to float rounding
 
 
 def fold(
@@ -121,19 +123,27 @@ def fold_site(
         New tensor per parameter name (weights, and biases where present).
 
     Raises:
-        FxEqError: a statistic is not finite or a std is below ``min_std``, or
-            the folded weights overflow their dtype. Nothing is modified.
+        CalibrationError: a statistic is not finite, or a std is below
+            ``min_std`` or below 1e-5 x |mean| (a constant input up to rounding).
+        FxEqError: the folded weights overflow their dtype. Nothing is modified.
     """
     for inp in site.inputs:
         m, s = mean[inp.index], std[inp.index]
-        if not (torch.isfinite(torch.tensor([m, s])).all() and s >= min_std):
-            raise FxEqError(
-                f"site {site.name!r} (conv {_owner(site.convs[0].weight)}), input {inp.index} "
-                f"(node {inp.node!r}, channels {inp.channels[0]}:{inp.channels[1]}, from {inp.producer}): "
-                f"expected a finite mean and a std of at least {min_std:g}, found mean={m:.6g}, std={s:.6g}. "
-                "Check the calibration data for NaN/Inf and that this branch is not constant "
-                "(e.g. all-zero after ReLU); nothing was modified."
-            )
+        if not (math.isfinite(m) and math.isfinite(s)):
+            found = "expected a finite mean and std"
+        elif s < min_std or s <= _CONSTANT * abs(m):
+            found = (f"expected a std of at least {min_std:g} and above {_CONSTANT:g} x |mean| (anything smaller is "
+                     "a constant input up to rounding)")
+        else:
+            continue
+        raise CalibrationError(
+            f"site {site.name!r} (conv {site.convs[0].module}), input {inp.index} "
+            f"(node {inp.node!r}, channels {inp.channels[0]}:{inp.channels[1]}, from {inp.producer}): "
+            f"{found}, found mean={m:.6g}, std={s:.6g}. Dividing by it would blow the conv's weights up. "
+            "Check the calibration data for NaN/Inf, that this branch is not constant (e.g. all-zero after "
+            "ReLU, or a 1x1 pooled map normalized over a batch of one sample: use batches of at least 2), "
+            "or raise min_std; nothing was modified."
+        )
     mean_vec, std_vec = site_vectors(site, mean, std, device=parameters[site.convs[0].weight].device)
     new: dict[str, torch.Tensor] = {}
     for conv in site.convs:
@@ -169,24 +179,35 @@ def site_vectors(
     return mean_vec, std_vec
 
 
-def check_not_folded(modules: Iterable[nn.Module], convs: Iterable[FusingConv]) -> None:
-    """Refuse to rescale a conv that fxeq already rescaled.
+def check_not_equalized(model: nn.Module) -> None:
+    """Refuse a model any conv of which fxeq already equalized, in any mode.
 
     The fold leaves the concatenation's inputs as they were, so a second run
-    would measure the same statistics and divide the weights again.
+    would measure the same statistics and divide the weights again. The mark
+    (set by :func:`mark_folded`) lives on the conv modules and survives
+    ``copy.deepcopy``, "reparam" parametrizations and :func:`fxeq.finalize`.
 
     Raises:
         AlreadyEqualizedError: naming the conv.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(2, 1, 1))
+        >>> mark_folded([net], {"0.weight": "cat"})
+        >>> check_not_equalized(net)
+        Traceback (most recent call last):
+        ...
+        fxeq.errors.AlreadyEqualizedError: conv 0 was already equalized by fxeq (site 'cat'); equalizing again \
+would divide its weight twice. Use the model as it is, or start again from the original checkpoint.
     """
-    for conv in convs:
-        for module in modules:
-            owner, local = resolve_owner(module, conv.weight)
-            if owner is not None and local in getattr(owner, _MARK, {}):
-                raise AlreadyEqualizedError(
-                    f"conv {_owner(conv.weight)} was already rescaled by fxeq (site "
-                    f"{getattr(owner, _MARK)[local]!r}); rescaling again would divide its weight twice. "
-                    "Use the model as it is, or start again from the original checkpoint."
-                )
+    for path, module in model.named_modules():
+        marks = module.__dict__.get(_MARK)
+        if marks:
+            site = next(iter(marks.values()))
+            raise AlreadyEqualizedError(
+                f"conv {path or type(module).__name__} was already equalized by fxeq (site {site!r}); "
+                "equalizing again would divide its weight twice. Use the model as it is, or start again "
+                "from the original checkpoint."
+            )
 
 
 def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]) -> None:
@@ -225,10 +246,6 @@ def mark_folded(modules: Iterable[nn.Module], weight_sites: Mapping[str, str]) -
             owner, local = resolve_owner(module, name)
             if owner is not None:
                 owner.__dict__.setdefault(_MARK, {})[local] = site
-
-
-def _owner(name: str) -> str:
-    return name.rsplit(".", 1)[0]
 
 
 def resolve_owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:

@@ -250,7 +250,7 @@ def oracle_from_report(model: nn.Module, report, *, with_mean: bool | None = Non
     for site in report.search.sites:
         for conv in site.convs:
             subtract = conv.bias is not None if with_mean is None else with_mean
-            convs[conv.weight.rsplit(".", 1)[0]] = [
+            convs[conv.module] = [
                 (inp.channels, report.stats[site.name, inp.index].mean if subtract else 0.0,
                  report.stats[site.name, inp.index].std)
                 for inp in site.inputs
@@ -283,3 +283,67 @@ def reference_stats(model: nn.Module, conv: str, data: list[torch.Tensor],
         values = torch.cat([s[:, start:stop].flatten() for s in seen])
         out.append((values.mean().item(), values.std(unbiased=False).item()))
     return out
+
+
+class ChainedBN(nn.Module):
+    """Two sites separated by a batch norm, as in UPerNet (PSP bottleneck → FPN fuse)::
+
+        x ── c1 ──────────────────────┐
+        x ── pool ── c2 ── upsample ──┴─ cat ── fuse1 ── bn ── relu ── pool ── upsample ──┐
+        x ── c3 ───────────────────────────────────────────────────────────────────────────┴─ cat_1 ── fuse2
+
+    The batch norm fixes fuse1's per-channel mean and variance, but not the
+    shape of its distribution, which the ReLU sees: site 2 depends on site 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 3, 1)
+        self.c2 = nn.Conv2d(3, 3, 1)
+        self.c3 = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.c2.weight.mul_(4.0)
+            self.c2.bias.add_(2.0)
+        self.fuse1 = nn.Conv2d(6, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fuse2 = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = F.interpolate(self.c2(F.avg_pool2d(x, 2)), scale_factor=2.0, mode="bilinear")
+        y = F.relu(self.bn(self.fuse1(torch.cat([self.c1(x), b], 1))))
+        y = F.interpolate(F.avg_pool2d(y, 2), scale_factor=2.0, mode="bilinear")
+        return self.fuse2(torch.cat([y, self.c3(x)], 1))
+
+
+class Counter(TwoBranch):
+    """TwoBranch that counts its forward calls in a buffer (state fxeq must not change)::
+
+        self.steps += 1; TwoBranch.forward(x)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps.add_(1)
+        return super().forward(x)
+
+
+class OneShot:
+    """An iterable whose ``__iter__`` returns the same iterator every time."""
+
+    def __init__(self, items: list) -> None:
+        self._it = iter(items)
+
+    def __iter__(self):
+        return self._it
+
+
+def remeasure(model: nn.Module, report, data: list[torch.Tensor]) -> dict[tuple[str, int], tuple[float, float]]:
+    """Re-measure every site input that ``report`` folded, on ``model`` as it is now (see reference_stats)."""
+    measured = {}
+    for site in report.search.sites:
+        stats = reference_stats(model, site.convs[0].module, data, [i.channels for i in site.inputs])
+        measured.update({(site.name, i.index): s for i, s in zip(site.inputs, stats, strict=True)})
+    return measured

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from models import BNFuse, BNHead, TwoBranch, batches
 from torch import nn
 
 import fxeq
-from fxeq.capture import capture
+from fxeq.capturing import capture
 from fxeq.modes import InputScale, finalize, load_plain_state_dict, plain_state_dict
 
 
@@ -89,7 +90,9 @@ def test_finalize_restores_graph_and_keys_and_keeps_outputs(frontend: str, mode:
     fxeq.transform(model, data, frontend=frontend, mode=mode, inplace=True)
     with torch.no_grad():
         before, before_model = deployed(x), model.eval()(x)
-    assert finalize(deployed) == [] and finalize(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert finalize(deployed) is deployed and finalize(model) is model
     assert _ops(deployed) == original_ops
     assert list(deployed.state_dict()) == list(base.state_dict()) and list(model.state_dict()) == list(base.state_dict())
     inner = (..., slice(1, -1), slice(1, -1))  # fuse is 3x3: the mean fold is exact off the border
@@ -111,8 +114,8 @@ def test_finalize_explicit_mean_goes_to_batch_norm_running_mean() -> None:
 def test_finalize_reports_a_mean_it_cannot_fold() -> None:
     model = TwoBranch(bias=False)
     fxeq.transform(model, batches(), mode="explicit", inplace=True)
-    (note,) = finalize(model)
-    assert "conv fuse: no bias and no batch norm" in note
+    with pytest.warns(UserWarning, match="conv fuse: no bias and no batch norm after it, so the mean"):
+        assert finalize(model) is model
 
 
 def test_keep_norm_restores_output_channel_norms_and_the_train_forward() -> None:
@@ -163,9 +166,9 @@ def test_bad_mode_arguments() -> None:
         fxeq.transform(TwoBranch(), batches(), mode="reparam", keep_norm=True)
 
 
-def test_explicit_inplace_needs_conv_modules_and_changes_nothing_otherwise() -> None:
+def test_a_conv_computed_by_a_function_is_skipped_with_the_reason() -> None:
     class Functional(nn.Module):
-        """x ── conv ──┐;  x ── pool ── conv ── up ──┴─ cat ── F.conv2d(self.w) ──  cat_1 (same) ── fuse"""
+        """x ── conv ──┐;  x ── pool ── conv ── up ──┴─ cat ── fuse;  cat(up, a) ── F.conv2d(self.w)"""
 
         def __init__(self) -> None:
             super().__init__()
@@ -180,8 +183,9 @@ def test_explicit_inplace_needs_conv_modules_and_changes_nothing_otherwise() -> 
             return first + torch.nn.functional.conv2d(torch.cat([up, self.a(x)], 1), self.w)
 
     model = Functional()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(fxeq.FxEqError, match="w to belong to a conv module, found Functional"):
-        fxeq.transform(model, batches(), mode="explicit", inplace=True)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert not model.fuse._forward_pre_hooks, "no hook may stay behind"
+    w = model.w.detach().clone()
+    report = fxeq.transform(model, batches(), mode="explicit", inplace=True).fxeq_report
+    assert [s.convs[0].module for s in report.search.sites] == ["fuse"]
+    (skipped,) = [s for s in report.search.skipped if "Functional" in s.reason]
+    assert "its conv weight w belongs to a Functional, not to a conv module" in skipped.reason
+    assert torch.equal(model.w, w)

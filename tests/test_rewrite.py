@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxeq.errors import AlreadyEqualizedError, FxEqError
-from fxeq.rewrite import check_not_folded, fold, fold_site, mark_folded, write_parameters
+from fxeq.rewrite import check_not_equalized, fold, fold_site, mark_folded, write_parameters
 from fxeq.sites import FusingConv, Site, SiteInput
 
 
@@ -72,7 +74,7 @@ def test_fold_rejects_mismatched_channels():
 def _site() -> Site:
     return Site(
         "cat", (SiteInput(0, "a", (0, 2), "conv a"), SiteInput(1, "b", (2, 3), "conv b", "bilinear", (2.0, 2.0))),
-        (FusingConv("fuse", "fuse.weight", "fuse.bias", 1, False, False),),
+        (FusingConv("fuse", "fuse", "fuse.weight", "fuse.bias", 1, False, False),),
     )
 
 
@@ -92,7 +94,7 @@ def test_fold_site_rejects_unusable_statistics(mean, std, message):
 
 def test_fold_site_rejects_overflow_in_low_precision():
     params = {"fuse.weight": torch.full((2, 3, 1, 1), 60000.0, dtype=torch.float16), "fuse.bias": None}
-    site = Site(_site().name, _site().inputs, (FusingConv("fuse", "fuse.weight", None, 1, False, False),))
+    site = Site(_site().name, _site().inputs, (FusingConv("fuse", "fuse", "fuse.weight", None, 1, False, False),))
     with pytest.raises(FxEqError, match="overflows torch.float16"):
         fold_site(site, {0: 0.0, 1: 0.0}, {0: 1.0, 1: 1e-3}, params)
 
@@ -104,7 +106,9 @@ def test_write_parameters_writes_shared_parameters_once_and_marks_them():
     new = {"fuse.weight": torch.full_like(conv.weight, 7.0), "fuse.bias": torch.zeros(2)}
     write_parameters([holder, holder], new)
     assert conv.weight.eq(7.0).all() and conv.bias.eq(0).all()
-    check_not_folded([holder], _site().convs)
+    check_not_equalized(holder)
     mark_folded([holder], {"fuse.weight": "cat"})
-    with pytest.raises(AlreadyEqualizedError, match="conv fuse was already rescaled by fxeq .*site 'cat'"):
-        check_not_folded([holder], _site().convs)
+    with pytest.raises(AlreadyEqualizedError, match="conv fuse was already equalized by fxeq .*site 'cat'"):
+        check_not_equalized(holder)
+    with pytest.raises(AlreadyEqualizedError, match="conv fuse was already equalized"):
+        check_not_equalized(copy.deepcopy(holder))

@@ -13,7 +13,7 @@ from models import oracle_from_report
 from torch import nn
 
 import fxeq
-from fxeq.capture import capture
+from fxeq.capturing import capture
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 

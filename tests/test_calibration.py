@@ -1,0 +1,353 @@
+"""Calibration you can trust: the statistics fxeq folds are those the convs receive, or it refuses.
+
+The oracle is ``models.reference_stats``: float64 statistics of what a conv
+module receives, measured with a plain pre-hook on the model (no fxeq code).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import (
+    BNHead,
+    Chained,
+    ChainedBN,
+    Counter,
+    OneShot,
+    ShapeBranch,
+    TwoBranch,
+    batches,
+    explicit_equalizer,
+    reference_stats,
+    remeasure,
+)
+from torch import nn
+
+import fxeq
+from fxeq.calibration import CalibrationData, batch_inputs, calibration_mode
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def _assert_invariant(model: nn.Module, report, data: list[torch.Tensor], rel: float = 1e-3) -> None:
+    """Every site input, re-measured on the transformed model, has the statistics folded into its conv."""
+    measured = remeasure(model, report, data)
+    for key, (mean, std) in measured.items():
+        folded = report.stats[key]
+        assert std == pytest.approx(folded.std, rel=rel), (key, std, folded.std)
+        assert mean == pytest.approx(folded.mean, rel=rel, abs=1e-6 * folded.std), (key, mean, folded.mean)
+
+
+# ---------------------------------------------------------------------------
+# Chained sites: one at a time, whatever lies between them
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [Chained, ChainedBN], ids=["no-norm", "batch-norm-between"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_every_site_sees_the_statistics_folded_into_it(build, frontend: str) -> None:
+    torch.manual_seed(0)
+    model, data = build(), batches(3)
+    deployed = fxeq.transform(model, data, inplace=True, frontend=frontend)
+    report = deployed.fxeq_report
+    assert [len(g) for g in report.search.generations()] == [1, 1]
+    assert report.calibration.passes == 2 and report.calibration.batches == 6
+    _assert_invariant(model, report, data)
+
+
+def test_one_pass_is_the_approximate_shortcut_and_says_so() -> None:
+    torch.manual_seed(0)
+    exact, shortcut, data = ChainedBN(), None, batches(3)
+    shortcut = copy.deepcopy(exact)
+    fxeq.transform(exact, data, inplace=True)
+    report = fxeq.transform(shortcut, data, inplace=True, one_pass=True).fxeq_report
+    assert report.calibration.passes == 1
+    assert "approximate" in report.table() and "approximate" in report.to_json()
+    measured = remeasure(shortcut, report, data)
+    upstream, downstream = report.search.sites
+    assert measured[upstream.name, 1][1] == pytest.approx(report.stats[upstream.name, 1].std, rel=1e-4)
+    # Downstream, the shortcut folded statistics of the unfolded model: the conv no longer sees them.
+    assert measured[downstream.name, 0][1] != pytest.approx(report.stats[downstream.name, 0].std, rel=1e-3)
+
+
+def test_smp_upernet_chained_sites_are_exact() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = smp.UPerNet("resnet18", encoder_weights=None, classes=3)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)]
+    report = fxeq.transform(model, data, inplace=True).fxeq_report
+    assert report.calibration.passes == 2, report.table()
+    _assert_invariant(model, report, data)
+
+
+# ---------------------------------------------------------------------------
+# Silent wrong results, now refused or right
+# ---------------------------------------------------------------------------
+
+
+def test_batch_of_one_sample_on_the_export_path_is_refused() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=3)
+    state = _state(model)
+    with pytest.raises(fxeq.CalibrationError, match="at least 2 samples"):
+        fxeq.transform(model, [torch.randn(1, 3, 64, 64)] * 2, inplace=True)
+    assert _same_state(model, state)
+
+
+def test_constant_input_up_to_rounding_is_refused_naming_the_input() -> None:
+    model = TwoBranch()
+    with torch.no_grad():  # branch b: a constant 1e4 plus float32 rounding noise
+        model.conv_b.weight.mul_(1e-12)
+        model.conv_b.bias.fill_(1e4)
+    state = _state(model)
+    with pytest.raises(fxeq.CalibrationError, match=r"input 1 .*1e-05 x \|mean\|.*nothing was modified"):
+        fxeq.transform(model, batches(2), inplace=True)
+    assert _same_state(model, state)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_user_pre_hook_on_the_fusing_conv_is_measured(frontend: str) -> None:
+    torch.manual_seed(0)
+    model, data = TwoBranch(), batches(3)
+    model.fuse.register_forward_pre_hook(lambda m, a: (a[0] * 2.0,))
+    oracle = copy.deepcopy(model)
+    slices = [(0, 3), (3, 8)]
+    stats = reference_stats(oracle, "fuse", data, slices)
+    explicit_equalizer(oracle, {"fuse": [(s, m, sd) for s, (m, sd) in zip(slices, stats, strict=True)]})
+    deployed = fxeq.transform(model, data, frontend=frontend)
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), oracle(x), rtol=1e-4, atol=1e-4)
+
+
+def test_one_shot_iterable_uses_every_batch() -> None:
+    data = batches(3)
+    report = fxeq.transform(TwoBranch(), OneShot(data)).fxeq_report
+    assert {s.samples for s in report.stats.values()} == {12}
+    assert report.calibration.batches == 3
+
+
+def test_one_shot_iterable_matches_a_list() -> None:
+    torch.manual_seed(0)
+    model, data = TwoBranch(), batches(3)
+    from_list = fxeq.transform(model, data).fxeq_report.stats
+    from_iter = fxeq.transform(model, iter(data)).fxeq_report.stats
+    assert from_list == from_iter
+
+
+@pytest.mark.parametrize("make", [lambda d: OneShot(d), lambda d: (x for x in d)], ids=["shared-iterator", "generator"])
+def test_one_shot_iterable_is_refused_before_work_when_chained(make) -> None:
+    model = Chained()
+    state = _state(model)
+    with pytest.raises(fxeq.CalibrationError, match="can be read only once.*2 passes"):
+        fxeq.transform(model, make(batches(3)), inplace=True)
+    assert _same_state(model, state)
+
+
+def test_step_api_refuses_a_second_calibrate_or_convert() -> None:
+    data = batches(2)
+    prepared = fxeq.prepare(TwoBranch(), data[0], inplace=True)
+    fxeq.calibrate(prepared, data)
+    fxeq.convert(prepared)
+    weight = prepared.model.fuse.weight.detach().clone()
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="already converted"):
+        fxeq.calibrate(prepared, data)
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="already converted"):
+        fxeq.convert(prepared)
+    assert torch.equal(prepared.model.fuse.weight, weight)
+
+
+@pytest.mark.parametrize("mode", ["init", "reparam", "explicit"])
+def test_convert_twice_is_refused_in_every_mode(mode: str) -> None:
+    data = batches(2)
+    model = TwoBranch()
+    prepared = fxeq.calibrate(fxeq.prepare(model, data[0], inplace=True), data)
+    fxeq.convert(prepared, mode=mode)
+    keys, hooks = sorted(model.state_dict()), dict(model.fuse._forward_pre_hooks)
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="already converted"):
+        fxeq.convert(prepared, mode=mode)
+    assert sorted(model.state_dict()) == keys and dict(model.fuse._forward_pre_hooks) == hooks
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="conv fuse was already equalized"):
+        fxeq.transform(model, data, inplace=True)
+
+
+# ---------------------------------------------------------------------------
+# State: buffers, flags and hooks are exactly as before
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("fail", [False, True], ids=["success", "failure"])
+def test_buffers_are_untouched(frontend: str, fail: bool) -> None:
+    model = Counter()
+    model.train()
+    state, hooks = _state(model), dict(model.fuse._forward_pre_hooks)
+    if fail:
+        with pytest.raises(fxeq.CalibrationError, match="nothing was modified"):
+            fxeq.transform(model, batches(2), inplace=True, frontend=frontend, min_std=1e6)
+        assert _same_state(model, state)
+    else:
+        fxeq.transform(model, batches(2), inplace=True, frontend=frontend)
+        assert int(model.steps) == 0
+    assert model.training and all(m.training for m in model.modules())
+    assert dict(model.fuse._forward_pre_hooks) == hooks
+
+
+def test_calibration_mode_uses_batch_statistics_and_restores_everything() -> None:
+    model = BNHead()
+    model.train()
+    state = _state(model)
+    with calibration_mode(model):
+        assert not model.drop.training and model.bn.training and not model.training
+        model(batches(1)[0])
+    assert _same_state(model, state) and all(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------------------
+# Any batch shape; the returned module's contract
+# ---------------------------------------------------------------------------
+
+
+def test_calibration_batches_of_other_sizes_on_an_export_only_model() -> None:
+    torch.manual_seed(0)
+    model = ShapeBranch()
+    data = [batches(1, size=16, batch=4)[0], batches(1, size=24, batch=3, seed=1)[0], batches(1, size=32, batch=1)[0]]
+    report = fxeq.transform(model, data).fxeq_report
+    assert report.frontend == "export"
+    expected = reference_stats(model, "fuse", data, [(0, 3), (3, 8)])
+    for (mean, std), index in zip(expected, (0, 1), strict=True):
+        assert report.stats["cat", index].std == pytest.approx(std, rel=1e-6)
+        assert report.stats["cat", index].mean == pytest.approx(mean, rel=1e-6, abs=1e-9)
+
+
+def test_exported_module_takes_any_batch_size_and_refuses_another_resolution_with_the_fix() -> None:
+    model = ShapeBranch()
+    deployed = fxeq.transform(model, batches(2))
+    assert deployed.fxeq_report.frontend == "export"
+    assert deployed(torch.randn(5, 3, 16, 16)).shape == (5, 4, 16, 16)
+    with pytest.raises(fxeq.CaptureError, match=r"specialized to that size.*inplace=True.*dynamic=True"):
+        deployed(torch.randn(2, 3, 32, 32))
+    dynamic = fxeq.transform(model, batches(2), dynamic=True)
+    assert dynamic(torch.randn(2, 3, 32, 32)).shape == (2, 4, 32, 32)
+
+
+# ---------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_batches": 1.5}, ValueError, "num_batches must be a whole number of at least 1, or None for all; got 1.5"),
+        ({"num_batches": 0}, ValueError, "num_batches must be a whole number"),
+        ({"min_std": float("nan")}, ValueError, "min_std must be a finite number greater than 0, got nan"),
+        ({"min_std": -1.0}, ValueError, "min_std must be a finite number greater than 0"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        fxeq.transform(TwoBranch(), batches(1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("loader", "error", "message"),
+    [
+        (None, TypeError, "calib_loader must be an iterable of batches .* got NoneType"),
+        (torch.randn(4, 3, 16, 16), TypeError, r"single Tensor of shape \(4, 3, 16, 16\).*\[x\]"),
+        ([], fxeq.CalibrationError, "yielded no batches"),
+    ],
+)
+def test_bad_loaders(loader, error, message) -> None:
+    with pytest.raises(error, match=message):
+        fxeq.transform(TwoBranch(), loader)
+
+
+def test_input_fn_that_raises_names_the_batch() -> None:
+    data = [{"image": x} for x in batches(2)]
+    with pytest.raises(fxeq.CalibrationError, match=r"input_fn raised KeyError: 'img' .*dict with keys \['image'\]"):
+        fxeq.transform(TwoBranch(), data, input_fn=lambda b: b["img"])
+
+
+def test_uint8_batches_say_to_convert_to_float() -> None:
+    data = [torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)]
+    with pytest.raises(fxeq.CaptureError, match=r"does not run on the first calibration batch \(uint8.*float"):
+        fxeq.transform(TwoBranch(), data)
+
+
+def test_meta_device_model_is_refused() -> None:
+    with torch.device("meta"):
+        model = TwoBranch()
+    with pytest.raises(ValueError, match=r"meta device \(e.g. conv_a.weight\).*to_empty"):
+        fxeq.transform(model, batches(1))
+
+
+def test_model_that_cannot_run_on_the_batch_says_so() -> None:
+    with pytest.raises(fxeq.CaptureError, match=r"TwoBranch does not run on the first calibration batch \(float32 "
+                                                r"\(2, 5, 16, 16\)\).*check its shape"):
+        fxeq.transform(TwoBranch(), [torch.randn(2, 5, 16, 16)])
+
+
+def test_compiled_model_is_unwrapped() -> None:
+    model = TwoBranch()
+    compiled = torch.compile(model)
+    before = model.fuse.weight.detach().clone()
+    fxeq.transform(compiled, batches(2), inplace=True)
+    assert not torch.equal(model.fuse.weight, before)
+
+
+def test_reparam_model_is_already_equalized() -> None:
+    model = TwoBranch()
+    fxeq.transform(model, batches(2), inplace=True, mode="reparam")
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="conv fuse was already equalized"):
+        fxeq.transform(model, batches(2), inplace=True)
+
+
+def test_calibration_shape_change_inside_the_model_names_the_site() -> None:
+    class Switch(TwoBranch):
+        def forward(self, x):
+            if x.shape[0] == 3:  # data-dependent path: the fusing conv gets another tensor
+                return self.fuse(torch.cat([self.conv_a(x), self.conv_a(x), self.conv_a(x)[:, :2]], 1)[:, :7])
+            return super().forward(x)
+
+    data = [torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    with pytest.raises(fxeq.CalibrationError, match="expected to receive the 8-channel concatenation, but received"):
+        fxeq.transform(Switch(), data, frontend="export")
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def test_dict_batches_become_keyword_arguments() -> None:
+    class Keyword(TwoBranch):
+        def forward(self, pixel_values, labels=None):
+            return super().forward(pixel_values)
+
+    torch.manual_seed(0)
+    model, data = Keyword(), batches(2)
+    dicts = [{"pixel_values": x, "labels": torch.zeros(4, 16, 16)} for x in data]
+    stats = fxeq.transform(model, dicts).fxeq_report.stats
+    assert stats == fxeq.transform(model, data).fxeq_report.stats
+
+
+def test_dict_batch_without_a_forward_argument() -> None:
+    with pytest.raises(TypeError, match=r"found a dict with keys \['image'\]. Pass input_fn"):
+        batch_inputs({"image": torch.zeros(1)}, model=TwoBranch())
+
+
+def test_calibration_data_reads_the_first_batch_once() -> None:
+    data = CalibrationData(OneShot([1, 2, 3]))
+    assert data.first() == 1 and data.first() == 1
+    assert list(data.epoch(1, 1)) == [1, 2, 3]

@@ -79,6 +79,7 @@ def test_one_pass_is_the_approximate_shortcut_and_says_so() -> None:
     assert measured[downstream.name, 0][1] != pytest.approx(report.stats[downstream.name, 0].std, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_smp_upernet_chained_sites_are_exact() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
@@ -95,6 +96,7 @@ def test_smp_upernet_chained_sites_are_exact() -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_of_one_sample_on_the_export_path_is_refused() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=3)

@@ -16,6 +16,7 @@ import fxeq
 from fxeq.capturing import capture
 
 smp = pytest.importorskip("segmentation_models_pytorch")
+pytestmark = pytest.mark.slow
 
 _SMP = ["UPerNet", "PSPNet", "DeepLabV3Plus", "Segformer", "Unet"]
 _ENCODERS = ["resnet18", "tu-convnext_atto"]

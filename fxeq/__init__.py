@@ -21,20 +21,21 @@ Example:
     1
 """
 
-from .capturing import capture
+from ._version import __version__
+from .capturing import FxEqGraphModule, capture
 from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError, NoSiteWarning
 from .modes import finalize, load_plain_state_dict, plain_state_dict
 from .pipeline import Prepared, calibrate, convert, find, prepare, transform
 from .report import Report
 from .sites import find_sites
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AlreadyEqualizedError",
     "CalibrationError",
     "CaptureError",
     "FxEqError",
+    "FxEqGraphModule",
     "NoSiteWarning",
     "Prepared",
     "Report",
@@ -48,4 +49,5 @@ __all__ = [
     "plain_state_dict",
     "prepare",
     "transform",
+    "__version__",
 ]

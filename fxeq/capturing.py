@@ -34,7 +34,7 @@ import io
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -43,7 +43,10 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Captured", "Frontend", "Inputs", "as_inputs", "capture", "preserved_state", "unwrap"]
+if TYPE_CHECKING:
+    from .report import Report
+
+__all__ = ["Captured", "Frontend", "FxEqGraphModule", "Inputs", "as_inputs", "capture", "preserved_state", "unwrap"]
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +55,12 @@ _FRONTENDS = ("auto", "fx", "export")
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 """A model call's positional and keyword arguments."""
+
+
+class FxEqGraphModule(torch.fx.GraphModule):
+    """The GraphModule fxeq captures and returns; after a rewrite, ``fxeq_report`` says what was done."""
+
+    fxeq_report: Report | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class Captured:
             sizes (export without ``dynamic=True``).
     """
 
-    module: torch.fx.GraphModule
+    module: FxEqGraphModule
     frontend: Literal["fx", "export"]
     specialized: bool = False
 
@@ -233,8 +242,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _trace_fx(model: nn.Module) -> torch.fx.GraphModule:
-    return torch.fx.symbolic_trace(model)
+def _trace_fx(model: nn.Module) -> FxEqGraphModule:
+    traced = torch.fx.symbolic_trace(model)
+    return FxEqGraphModule(traced, traced.graph, class_name=type(model).__name__)
 
 
 def _flat_inputs(
@@ -250,7 +260,7 @@ def _flat_inputs(
     return [bound.arguments[str(n.target).lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool) -> torch.fx.GraphModule:
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool) -> FxEqGraphModule:
     def dims(x: object) -> object:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
@@ -263,7 +273,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dyn
     unlifted = program.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same
     # graph and parameters behaves like any other module.
-    return torch.fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph))
+    return FxEqGraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name=type(model).__name__)
 
 
 @dataclass(frozen=True)

@@ -33,21 +33,22 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, cast
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .errors import FxEqError
 from .rewrite import fold, mean_term, per_weight_column, resolve_owner
 from .sites import FusingConv
 
-__all__ = ["InputScale", "Mode", "finalize", "load_plain_state_dict", "plain_state_dict"]
+__all__ = [
+    "MODES", "InputScale", "Mode", "ModeStrategy", "STRATEGIES", "finalize", "keep_norms",
+    "load_plain_state_dict", "plain_state_dict",
+]
 
 Mode = Literal["init", "reparam", "explicit"]
-MODES: tuple[str, ...] = ("init", "reparam", "explicit")
 
 _HOOK = "fxeq_standardize"
 _NODES = "_fxeq_explicit_nodes"
@@ -135,7 +136,7 @@ def keep_norms(
     return new_weight, new_bias
 
 
-def register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.Tensor) -> None:
+def _register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.Tensor) -> None:
     """Parametrize the conv's weight as ``W_raw * (1 / std)`` in each module holding it."""
     done: set[int] = set()
     for root in modules:
@@ -148,7 +149,7 @@ def register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.
         parametrize.register_parametrization(owner, local, InputScale(scale))
 
 
-def register_explicit(
+def _register_explicit(
     gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
 ) -> None:
     """Put ``(x - mean) / std`` before a fusing conv.
@@ -185,6 +186,41 @@ def register_explicit(
     record = _ExplicitNodes(node.name, source.name, (sub.name, mul.name), attrs, conv.weight, conv.bias,
                             conv.batch_norm, conv.groups)
     gm.__dict__.setdefault(_NODES, []).append(record)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeStrategy:
+    """How a mode puts one fusing conv's equalizer into the model.
+
+    Attributes:
+        writes: which folded parameters are written into the conv
+            (``"weight"``, ``"bias"``); the rest is expressed by ``install``.
+        install: ``install(graph_module, inplace_model, conv, mean, std)`` adds
+            what the mode adds (a parametrization, a pre-hook, nodes), or None.
+        note: the caveat the report shows at each conv, or "".
+    """
+
+    writes: frozenset[str]
+    install: Callable[[fx.GraphModule, nn.Module | None, FusingConv, torch.Tensor, torch.Tensor], None] | None
+    note: str = ""
+
+
+def _install_reparam(
+    gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
+) -> None:
+    _register_reparam([gm] if model is None else [gm, model], conv, std)
+
+
+STRATEGIES: dict[str, ModeStrategy] = {
+    "init": ModeStrategy(frozenset({"weight", "bias"}), None),
+    "reparam": ModeStrategy(frozenset({"bias"}), _install_reparam,
+                            "weight parametrized as W_raw * (1 / sigma); fxeq.finalize bakes it in"),
+    "explicit": ModeStrategy(frozenset(), _register_explicit,
+                             "explicit (x - mu) / sigma before this conv; fxeq.finalize bakes it into the weights"),
+}
+"""The modes, by name: adding a mode is one entry."""
+
+MODES: tuple[str, ...] = tuple(STRATEGIES)
 
 
 # ---------------------------------------------------------------------------

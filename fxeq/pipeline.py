@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from .calibration import (
@@ -47,12 +47,12 @@ from .calibration import (
     check_arguments,
     model_device_and_dtype,
 )
-from .capturing import Captured, Frontend, Inputs, as_inputs, capture, unwrap
+from .capturing import Captured, Frontend, FxEqGraphModule, Inputs, as_inputs, capture, unwrap
 from .errors import AlreadyEqualizedError, FxEqError, NoSiteWarning
-from .modes import MODES, Mode, keep_norms, register_explicit, register_reparam
+from .modes import MODES, STRATEGIES, Mode, keep_norms
 from .observe import observation_point
 from .report import Report
-from .rewrite import check_not_equalized, mark_folded, site_vectors, write_parameters
+from .rewrite import check_not_equalized, copy_into, mark_folded, resolve_parameters, site_vectors
 from .sites import Site, SiteSearch, Skipped, find_sites
 
 __all__ = ["Prepared", "calibrate", "convert", "find", "prepare", "transform"]
@@ -222,7 +222,7 @@ def calibrate(
     return prepared
 
 
-def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> fx.GraphModule:
+def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> FxEqGraphModule:
     """Put the measured equalizer into the model; return the deployable graph.
 
     Args:
@@ -257,8 +257,10 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
     module = prepared.captured.module
     targets = (module, prepared.model)
     inplace_model = prepared.model if prepared.model is prepared.original else None
+    strategy = STRATEGIES[mode]
     notes: dict[str, list[str]] = {}
     new = dict(prepared.calibration.parameters) if prepared.calibration else {}
+    installs = []
     for site in prepared.search.sites:
         mean, std = site_vectors(site, *_site_stats(prepared.stats, site))
         for conv in site.convs:
@@ -272,18 +274,20 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
                 if conv.bias is not None and bias is not None:
                     new[conv.bias] = bias
                 notes.setdefault(conv.weight, []).append("keep_norm: per-output-channel weight norms restored")
-            if mode == "reparam":
-                del new[conv.weight]
-                register_reparam(targets, conv, std)
-            elif mode == "explicit":
-                new.pop(conv.weight), new.pop(conv.bias or "", None)
-                register_explicit(module, inplace_model, conv, mean, std)
-    write_parameters(targets, new)
+            for kind, name in (("weight", conv.weight), ("bias", conv.bias)):
+                if name is not None and kind not in strategy.writes:
+                    new.pop(name, None)
+            installs.append((conv, mean, std))
+    writes = resolve_parameters(targets, new)  # validate everything before changing anything
+    if strategy.install is not None:
+        for conv, mean, std in installs:
+            strategy.install(module, inplace_model, conv, mean, std)
+    copy_into(writes)
     mark_folded(targets, {conv.weight: site.name for site in prepared.search.sites for conv in site.convs})
     prepared.converted = mode
     if prepared.model is not prepared.original:
         module.eval()
-    module.fxeq_report = Report(  # type: ignore[assignment]
+    module.fxeq_report = Report(
         prepared.search, prepared.captured.frontend, dict(prepared.stats),
         folded=bool(prepared.search.sites), mode=mode, notes=notes, calibration=prepared.calibration,
     )
@@ -305,7 +309,7 @@ def transform(
     keep_norm: bool = False,
     one_pass: bool = False,
     dynamic: bool = False,
-) -> fx.GraphModule:
+) -> FxEqGraphModule:
     """Equalize the scales of every multi-level fusion in ``model``.
 
     Finds interpolate → cat → conv sites, measures each concatenation input's

@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import torch
 
+from ._version import __version__
 from .calibration import Calibration, InputStats
+from .modes import STRATEGIES
 from .sites import FusingConv, Site, SiteSearch
 
 __all__ = ["Report", "versions"]
@@ -26,21 +28,18 @@ def versions() -> dict[str, str]:
     """Versions of Python, torch, torchvision and fxeq, for reproducible reports."""
     import torchvision
 
-    from . import __version__
-
     return {
         "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "fxeq": __version__,
     }
 
 
-def conv_notes(conv: FusingConv, mode: str = "init") -> list[str]:
+def _conv_notes(conv: FusingConv, mode: str) -> list[str]:
     """Caveats of the equalizer at one conv, for a mode."""
+    note = STRATEGIES[mode].note
     if mode == "explicit":
-        return ["explicit (x - mu) / sigma before this conv; fxeq.finalize bakes it into the weights"]
-    notes = []
-    if mode == "reparam":
-        notes.append("weight parametrized as W_raw * (1 / sigma); fxeq.finalize bakes it in")
+        return [note]
+    notes = [note] if note else []
     if conv.bias is None:
         notes.append("no bias: the mean was not folded (adding a bias would change state_dict keys)")
     elif conv.padded:
@@ -94,7 +93,7 @@ class Report:
         return max(stds) / min(stds) if stds and min(stds) > 0 else None
 
     def _conv_notes(self, conv: FusingConv) -> list[str]:
-        return (conv_notes(conv, self.mode) if self.folded else []) + self.notes.get(conv.weight, [])
+        return (_conv_notes(conv, self.mode) if self.folded else []) + self.notes.get(conv.weight, [])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict."""
@@ -148,7 +147,7 @@ class Report:
             lines.append(f"calibration: {summary['semantics']}; {_plural(summary['passes'], 'pass', 'passes')}, "
                          f"{_plural(summary['batches'], 'batch', 'batches')}, {summary['seconds']:.2f} s")
         for site in self.search.sites:
-            convs = ", ".join(c.weight.rsplit(".", 1)[0] for c in site.convs)
+            convs = ", ".join(c.module for c in site.convs)
             ratio = self.disequilibrium(site)
             ratio_text = f"; std max/min {ratio:.2f}" if ratio is not None else ""
             lines.append(f"site {site.name} -> {convs}{ratio_text}")
@@ -167,7 +166,7 @@ class Report:
                 )
             for conv in site.convs:
                 for note in self._conv_notes(conv):
-                    lines.append(f"  note ({conv.weight.rsplit('.', 1)[0]}): {note}")
+                    lines.append(f"  note ({conv.module}): {note}")
             for note in site.notes:
                 lines.append(f"  note: {note}")
             if site.depends_on:

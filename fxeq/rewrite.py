@@ -30,8 +30,8 @@ from .errors import AlreadyEqualizedError, CalibrationError, FxEqError
 from .sites import FusingConv, Site
 
 __all__ = [
-    "check_not_equalized", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column", "resolve_owner",
-    "site_vectors", "write_parameters",
+    "check_not_equalized", "copy_into", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column",
+    "resolve_owner", "resolve_parameters", "site_vectors", "write_parameters",
 ]
 
 _MARK = "_fxeq_folded"
@@ -210,19 +210,16 @@ would divide its weight twice. Use the model as it is, or start again from the o
             )
 
 
-def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]) -> None:
-    """Copy new tensors into the named parameters of each module.
+def resolve_parameters(
+    modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Match new tensors to the named parameters of each module, validating every one.
 
-    Every name is resolved in every module before anything is written; a module
-    that does not hold a name is skipped. Parameters shared between modules are
-    written once.
-
-    Args:
-        modules: the modules whose parameters are rewritten.
-        new: new tensor per qualified parameter name.
+    A module that does not hold a name is skipped. Parameters shared between
+    modules appear once.
 
     Raises:
-        FxEqError: a parameter's shape differs from its new tensor's (nothing is written).
+        FxEqError: a parameter's shape differs from its new tensor's.
     """
     targets: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     for module in modules:
@@ -234,8 +231,26 @@ def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tenso
             if param.shape != tensor.shape:
                 raise FxEqError(f"parameter {name} has shape {tuple(param.shape)}, expected {tuple(tensor.shape)}")
             targets[id(param)] = (param, tensor)
+    return list(targets.values())
+
+
+def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]) -> None:
+    """Copy new tensors into the named parameters of each module, all validated first.
+
+    Args:
+        modules: the modules whose parameters are rewritten.
+        new: new tensor per qualified parameter name.
+
+    Raises:
+        FxEqError: a parameter's shape differs from its new tensor's (nothing is written).
+    """
+    copy_into(resolve_parameters(modules, new))
+
+
+def copy_into(pairs: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Write each tensor into its parameter (see :func:`resolve_parameters`)."""
     with torch.no_grad():
-        for param, tensor in targets.values():
+        for param, tensor in pairs:
             param.copy_(tensor)
 
 

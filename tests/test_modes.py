@@ -189,3 +189,16 @@ def test_a_conv_computed_by_a_function_is_skipped_with_the_reason() -> None:
     (skipped,) = [s for s in report.search.skipped if "Functional" in s.reason]
     assert "its conv weight w belongs to a Functional, not to a conv module" in skipped.reason
     assert torch.equal(model.w, w)
+
+
+def test_explicit_inplace_tensors_follow_the_model_to_another_dtype() -> None:
+    model, data, x = TwoBranch(), batches(), torch.randn(2, 3, 16, 16)
+    fxeq.transform(model, data, mode="explicit", inplace=True)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        expected = model(x).double()
+        got = model.double()(x.double())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert model.fuse.fxeq_standardize.mean.dtype == torch.float64
+    assert list(model.state_dict()) == keys, "the equalizer's tensors are not state_dict entries"
+    assert copy.deepcopy(model).double()(x.double()).shape == (2, 4, 16, 16)

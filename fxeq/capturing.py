@@ -32,7 +32,7 @@ import copy
 import inspect
 import io
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -185,7 +185,7 @@ def capture(
                 continue
             specialized = name == "export" and not dynamic
             if specialized:
-                gm.register_forward_pre_hook(_ShapeGuard.of(type(model).__name__, args, kwargs), with_kwargs=True)
+                _install_shape_guard(gm, type(model).__name__)
             gm.eval()
             return Captured(gm, name, specialized)  # type: ignore[arg-type]
     raise CaptureError(
@@ -276,32 +276,50 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dyn
     return FxEqGraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name=type(model).__name__)
 
 
-@dataclass(frozen=True)
-class _ShapeGuard:
-    """A forward pre-hook that refuses inputs of another spatial size, with the fix.
+class _ShapeGuard(nn.Module):
+    """Refuses inputs of another size than the exported graph was specialized to, with the fix.
 
-    The exported graph bakes spatial sizes into its ops (an interpolation to
-    64x64 stays 64x64), so another size would fail deep inside, or worse.
+    The exported graph bakes static sizes into its ops (an interpolation to
+    64x64 stays 64x64), so another size would fail deep inside with
+    "Guard failed", or worse. It replaces export's own ``_guards_fn`` call in
+    the graph (and then runs it), so it survives ``copy.deepcopy``, which
+    drops forward hooks of a GraphModule.
     """
 
-    model: str
-    shapes: Mapping[str, tuple[int, ...]]
+    def __init__(self, model: str, names: list[str], shapes: list[tuple[int | None, ...] | None],
+                 original: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.names, self.shapes = model, names, shapes
+        self.original = original
 
-    @classmethod
-    def of(cls, model: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _ShapeGuard:
-        leaves = pytree.tree_flatten_with_path((args, kwargs))[0]
-        return cls(model, {pytree.keystr(path): tuple(v.shape) for path, v in leaves if isinstance(v, torch.Tensor)})
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        for path, value in pytree.tree_flatten_with_path((args, kwargs))[0]:
-            expected = self.shapes.get(pytree.keystr(path))
+    def forward(self, *inputs: Any) -> None:
+        for name, expected, value in zip(self.names, self.shapes, inputs, strict=False):
             if expected is None or not isinstance(value, torch.Tensor):
                 continue
-            if value.dim() != len(expected) or tuple(value.shape[1:]) != expected[1:]:
+            if value.dim() != len(expected) or any(e is not None and e != v for e, v in zip(expected, value.shape)):
+                shown = ", ".join("N" if e is None else str(e) for e in expected)
                 raise CaptureError(
-                    f"this GraphModule of {self.model} was exported by fxeq for inputs shaped "
-                    f"(N, {', '.join(map(str, expected[1:]))}) and is specialized to that size; input "
-                    f"{pytree.keystr(path)} has shape {tuple(value.shape)}. Use your own model with the "
-                    "same weights (fxeq.transform(model, loader, inplace=True) rewrites it and keeps every "
-                    "shape), or pass dynamic=True to export symbolic sizes (slower to capture)."
+                    f"this GraphModule of {self.model} was exported by fxeq for inputs shaped ({shown}) and is "
+                    f"specialized to that size; input {name} has shape {tuple(value.shape)}. Use your own model "
+                    "with the same weights (fxeq.transform(model, loader, inplace=True) rewrites it and keeps "
+                    "every shape), or pass dynamic=True to export symbolic sizes (slower to capture)."
                 )
+        if self.original is not None:
+            self.original(*inputs)
+
+
+def _install_shape_guard(gm: FxEqGraphModule, model: str) -> None:
+    """Check the placeholders' static sizes (from export's metadata) first thing in the graph."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes: list[tuple[int | None, ...] | None] = []
+    for node in placeholders:
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None) if isinstance(val, torch.Tensor) else None
+        shapes.append(None if shape is None else tuple(d if isinstance(d, int) else None for d in shape))
+    existing = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+    original = gm.get_submodule("_guards_fn") if existing is not None else None
+    gm.add_submodule("_guards_fn", _ShapeGuard(model, [n.name for n in placeholders], shapes, original))
+    if existing is None and placeholders:
+        with gm.graph.inserting_after(placeholders[-1]):
+            gm.graph.call_module("_guards_fn", tuple(placeholders))
+        gm.recompile()

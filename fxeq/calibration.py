@@ -397,12 +397,11 @@ def calibrate_sites(
     with calibration_mode(model), torch.no_grad():
         for number, generation in enumerate(generations, 1):
             forward = functools.partial(_forward_with, model, dict(folded)) if folded else model
-            desc = "fxeq calibration" + (f" {number}/{len(generations)}" if len(generations) > 1 else "")
             with SiteObservers(model, generation) as observers:
                 batches += _run_pass(
                     forward, observers, data.epoch(number, len(generations)), model=model, input_fn=input_fn,
-                    num_batches=num_batches, device=device, dtype=dtype, progress=progress, desc=desc,
-                    first_pass=number == 1,
+                    num_batches=num_batches, device=device, dtype=dtype, progress=progress,
+                    number=number, total=len(generations),
                 )
             merge_across_ranks(list(observers.observers.values()))
             for site in generation:
@@ -437,17 +436,18 @@ def _run_pass(
     device: torch.device | None,
     dtype: torch.dtype | None,
     progress: bool | None,
-    desc: str,
-    first_pass: bool,
+    number: int,
+    total: int,
 ) -> int:
-    """Run the batches of one pass; return how many ran."""
-    total: int | None = None
+    """Run the batches of pass ``number`` of ``total``; return how many ran."""
+    length: int | None = None
     with contextlib.suppress(TypeError):
-        total = len(loader)  # type: ignore[arg-type]
+        length = len(loader)  # type: ignore[arg-type]
     if num_batches is not None:
-        total = num_batches if total is None else min(total, num_batches)
+        length = num_batches if length is None else min(length, num_batches)
+    desc = "fxeq calibration" + (f" {number}/{total}" if total > 1 else "")
     seen = 0
-    with tqdm(total=total, desc=desc, disable=None if progress is None else not progress, unit="batch") as bar:
+    with tqdm(total=length, desc=desc, disable=None if progress is None else not progress, unit="batch") as bar:
         for batch in itertools.islice(loader, num_batches):
             args, kwargs = batch_inputs(batch, input_fn, model=model, device=device, dtype=dtype)
             try:
@@ -459,9 +459,9 @@ def _run_pass(
             seen += 1
             bar.update(1)
     if seen == 0:
-        raise CalibrationError(EMPTY_LOADER if first_pass else (
-            f"the calibration loader yielded no batches on {desc.removeprefix('fxeq calibration ')} pass: it "
-            "was exhausted by the first pass. Chained sites need one pass per generation; pass a list of "
+        raise CalibrationError(EMPTY_LOADER if number == 1 else (
+            f"the calibration loader yielded no batches on pass {number} of {total}, after batches on pass 1: "
+            "it was exhausted by the first pass. Chained sites need one pass per generation; pass a list of "
             "batches or a re-iterable DataLoader, or one_pass=True."
         ))
     return seen

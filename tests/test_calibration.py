@@ -353,3 +353,43 @@ def test_calibration_data_reads_the_first_batch_once() -> None:
     data = CalibrationData(OneShot([1, 2, 3]))
     assert data.first() == 1 and data.first() == 1
     assert list(data.epoch(1, 1)) == [1, 2, 3]
+
+
+class _Passes:
+    """Re-iterable; each iteration yields what ``make(number)`` gives (number counts from 1)."""
+
+    def __init__(self, make) -> None:
+        self.make, self.count = make, 0
+
+    def __iter__(self):
+        self.count += 1
+        return iter(self.make(self.count))
+
+
+def test_a_second_pass_without_batches_says_why() -> None:
+    data = _Passes(lambda n: batches(2) if n <= 2 else [])  # check_passes takes iteration 2 for pass 2
+    exhausted = _Passes(lambda n: batches(2) if n == 1 else [])
+    fxeq.transform(Chained(), data)
+    with pytest.raises(fxeq.CalibrationError, match="yielded no batches on pass 2 of 2, after batches on pass 1: it was exhausted by the first"):
+        fxeq.transform(Chained(), exhausted)
+
+
+def test_a_conv_that_never_runs_in_a_pass_is_named() -> None:
+    class Skips(Chained):
+        def forward(self, x):
+            return x if x.shape[0] == 3 else super().forward(x)
+
+    data = _Passes(lambda n: batches(2) if n == 1 else batches(2, batch=3))
+    with pytest.raises(fxeq.CalibrationError, match="its conv fuse2 never ran during calibration pass 2"):
+        fxeq.transform(Skips(), data)
+
+
+def test_site_observers_refuse_a_site_without_a_conv_module() -> None:
+    from fxeq.observe import SiteObservers
+    from fxeq.sites import FusingConv, Site, SiteInput
+
+    site = Site("cat", (SiteInput(0, "a", (0, 2), "a"),), (FusingConv("c", "", "w", None, 1, False, False),))
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.ones(1, 2, 1, 1))
+    with pytest.raises(fxeq.CalibrationError, match="site 'cat': its conv weight w belongs to a Module, not to a conv"):
+        SiteObservers(holder, [site])

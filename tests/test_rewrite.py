@@ -112,3 +112,13 @@ def test_write_parameters_writes_shared_parameters_once_and_marks_them():
         check_not_equalized(holder)
     with pytest.raises(AlreadyEqualizedError, match="conv fuse was already equalized"):
         check_not_equalized(copy.deepcopy(holder))
+
+
+def test_write_parameters_validates_every_shape_first():
+    holder = nn.Module()
+    holder.fuse = nn.Conv2d(3, 2, 1)
+    before = holder.fuse.bias.detach().clone()
+    new = {"fuse.bias": torch.zeros(2), "fuse.weight": torch.zeros(2, 3, 3, 3)}
+    with pytest.raises(FxEqError, match=r"parameter fuse.weight has shape \(2, 3, 1, 1\), expected \(2, 3, 3, 3\)"):
+        write_parameters([holder], new)
+    assert torch.equal(holder.fuse.bias, before)

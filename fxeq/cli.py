@@ -11,9 +11,9 @@ done by :mod:`fxeq.checkpoint` (reading state_dicts safely, writing them
 atomically), :mod:`fxeq.data` (calibration images) and :mod:`fxeq.pipeline`.
 
 Exit codes: 0 done; 2 bad usage or input (a missing file, keys that do not
-fit the model, too few images, an unknown model, an output that exists); 1
-anything else, such as a :class:`~fxeq.errors.FxEqError` from the pass; 130
-interrupted.
+fit the model, too few or unreadable images, an unknown model, an output that
+exists); 1 anything else, such as a :class:`~fxeq.errors.FxEqError` from the
+pass; 130 interrupted (143 for SIGTERM while writing).
 Errors go to stderr as ``fxeq: error: ...``, naming the problem and the fix;
 ``--verbose`` adds the traceback and fxeq's debug log.
 """
@@ -39,11 +39,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import checkpoint
+from . import __version__, checkpoint
 from .data import (
     GENERATED_PREFIX,
+    IMAGE_SUFFIXES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    UnreadableImageError,
+    _plural,
     calibration_loader,
     generate_images,
 )
@@ -86,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse exits for --help (0) and usage errors (2)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.error("no command given; expected one of convert, inspect, demo (fxeq COMMAND --help shows "
+                         "its arguments)")
+    except SystemExit as e:  # argparse exits for --help and --version (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
+    if os.getcwd() not in sys.path:  # like python -m: --model and pickled classes can name ./module.py
+        sys.path.append(os.getcwd())
     if args.verbose:
         logging.basicConfig()
         logging.getLogger("fxeq").setLevel(logging.DEBUG)
@@ -117,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
     model = _Parser(add_help=False)
     model.add_argument("--model", required=True, type=_model_spec, metavar="MODULE:CALLABLE",
-                       help="builds the model, e.g. segmentation_models_pytorch:UPerNet; MODULE is imported "
-                            "with the current folder on the path")
+                       help="builds the model, e.g. segmentation_models_pytorch:UPerNet; MODULE (and any class "
+                            "a --trust-pickle checkpoint names) is imported with the current folder on the path")
     model.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
                        help='keyword arguments for CALLABLE, e.g. \'{"encoder_name": "resnet18", '
                             '"encoder_weights": null, "classes": 150}\'')
@@ -132,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
 
     data = _Parser(add_help=False)
     data.add_argument("--calib", required=True, type=Path, metavar="FOLDER",
-                      help="calibration images (jpg/jpeg/png, searched recursively); use training images")
+                      help=f"calibration images ({', '.join(IMAGE_SUFFIXES)}; searched recursively); use "
+                           "training images")
     data.add_argument("--size", type=_positive_int, default=512, metavar="PIXELS",
                       help="resize the shorter side and center-crop to this (default: 512)")
     data.add_argument("--mean", type=_rgb, default=IMAGENET_MEAN, metavar="R,G,B",
@@ -146,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to calibrate: cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
 
     parser = _Parser(prog="fxeq", description="Scale equalization for multi-level feature fusion.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"fxeq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")  # main() reports a missing one
 
     convert = commands.add_parser(
         "convert", parents=[model, data, common], help="equalize a checkpoint's fusion convs",
@@ -244,7 +255,7 @@ def _convert(args: argparse.Namespace) -> int:
         checkpoint.check_not_converted(args.checkpoint)
         output = checkpoint.check_output(args.output, source=args.checkpoint, force=args.force)
     model, state, loader = _load(args)
-    with warnings.catch_warnings():  # the no-site case is an error below, with the report
+    with warnings.catch_warnings(), _bad_input(UnreadableImageError):  # no site: an error below, with the report
         warnings.simplefilter("ignore", NoSiteWarning)
         deployed = transform(model, loader, inplace=True, frontend=args.frontend, all_concats=args.all_concats,
                              num_batches=args.num_batches, progress=True)
@@ -258,11 +269,10 @@ def _convert(args: argparse.Namespace) -> int:
         )
     # Same keys and dtypes as the input: an fp16 checkpoint stays fp16.
     converted = {k: v.to(device="cpu", dtype=state[k].dtype) for k, v in model.state_dict().items()}
-    checkpoint.save_state_dict(converted, output)
-    report.extra.update(_provenance(args, loader, output))
-    report_file = checkpoint.report_path(output)
-    checkpoint.write_json(_report_dict(report), report_file)
-    rescaled = sorted({c.weight.rsplit(".", 1)[0] for s in report.search.sites for c in s.convs})
+    report.extra.update(_provenance(args, loader))
+    with _bad_input(FileExistsError):  # another run took the name after check_output
+        report_file = checkpoint.save_converted(converted, output, _report_dict(report), force=args.force)
+    rescaled = sorted({c.module for s in report.search.sites for c in s.convs})
     print(report.table())
     print(f"\nwrote {output} (rescaled {', '.join(rescaled)}; every other tensor as in the input)")
     print(f"wrote {report_file}")
@@ -270,12 +280,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        _note_if_converted(args.checkpoint)
     model, _, loader = _load(args)
-    example = next(iter(loader)).to(_device(args.device))
-    # inplace: this model is ours and calibrate() writes nothing (convert() would).
-    prepared = prepare(model, example, inplace=True, frontend=args.frontend, all_concats=args.all_concats)
-    if prepared.search.sites:
-        calibrate(prepared, loader, num_batches=args.num_batches, progress=True)
+    with _bad_input(UnreadableImageError):
+        example = next(iter(loader)).to(_device(args.device))
+        # inplace: this model is ours and calibrate() writes nothing (convert() would).
+        prepared = prepare(model, example, inplace=True, frontend=args.frontend, all_concats=args.all_concats)
+        if prepared.search.sites:
+            calibrate(prepared, loader, num_batches=args.num_batches, progress=True)
     report = prepared.report
     report.extra.update(_provenance(args, loader))
     print(json.dumps(_report_dict(report), indent=2) if args.json else report.table())
@@ -319,19 +332,29 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _bad_input() -> Iterator[None]:
-    """Report failures to read the user's files and values as usage errors (exit code 2)."""
+def _bad_input(*errors: type[Exception]) -> Iterator[None]:
+    """Report failures to read the user's files and values as usage errors (exit code 2).
+
+    Args:
+        errors: the exception types that mean bad input here. Default:
+            OSError, TypeError and ValueError, raised by fxeq.checkpoint and
+            fxeq.data for files and values they cannot use.
+    """
+    caught = errors or (OSError, TypeError, ValueError)
     try:
         yield
-    except (OSError, TypeError, ValueError) as e:
+    except caught as e:
         raise _UsageError(str(e)) from e
 
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor], DataLoader[torch.Tensor]]:
     """The model (with the checkpoint loaded, on the device), its state and the calibration batches."""
-    with _bad_input():
+    with _bad_input(), warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
         loader = calibration_loader(args.calib, size=args.size, mean=args.mean, std=args.std,
                                     batch_size=args.batch_size)
+    for warning in skipped:  # files in --calib that are not images
+        _note(f"warning: {warning.message}")
     device = _device(args.device)
     with _bad_input():
         state = checkpoint.load_state_dict(args.checkpoint, trust_pickle=args.trust_pickle) if args.checkpoint else {}
@@ -340,16 +363,14 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor],
         with _bad_input():
             state = checkpoint.load_into(model, state)
     used = f", at most {args.num_batches} used" if args.num_batches else ""
-    _note(f"calibrating on {_count(loader)} images from {args.calib} ({args.size}x{args.size}, "
-          f"{len(loader)} batches of up to {args.batch_size}{used}, {device})")
+    _note(f"calibrating on {_plural(_count(loader), 'image')} from {args.calib} ({args.size}x{args.size}, "
+          f"{_plural(len(loader), 'batch', 'batches')} of up to {args.batch_size}{used}, {device})")
     return model.to(device), state, loader
 
 
 def _build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     """Import MODULE, find CALLABLE in it and call it with ``kwargs``."""
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # like python -m: models in the current folder can be named
-        sys.path.append(os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as e:  # any import failure is the --model argument's
@@ -371,8 +392,8 @@ def _build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         model = target(**kwargs)
     except Exception as e:  # whatever the builder raises is about --model-kwargs
         raise _UsageError(
-            f"--model {spec} with --model-kwargs {json.dumps(kwargs)} failed: {type(e).__name__}: {e}. "
-            "Check the keyword arguments (weights must be null: fxeq never downloads them)."
+            f"--model {spec} with --model-kwargs {json.dumps(kwargs)} failed ({type(e).__name__}: {e}); check "
+            "the keyword arguments (weights must be null: fxeq never downloads them)"
         ) from e
     if not isinstance(model, nn.Module):
         raise _UsageError(f"--model {spec} returned a {type(model).__name__}, expected a torch.nn.Module")
@@ -399,14 +420,14 @@ def _demo_workdir(path: Path) -> Path:
     return path
 
 
-def _provenance(
-    args: argparse.Namespace, loader: DataLoader[torch.Tensor], output: Path | None = None
-) -> dict[str, Any]:
-    """What the JSON report records about the run, so that it can be repeated and checked."""
+def _provenance(args: argparse.Namespace, loader: DataLoader[torch.Tensor]) -> dict[str, Any]:
+    """What the JSON report records about the run, so that it can be repeated and checked.
+
+    The output's path and SHA-256 are added by :func:`fxeq.checkpoint.save_converted`.
+    """
     record: dict[str, Any] = {"command": ["fxeq", *args.argv]}
-    for key, path in (("checkpoint", args.checkpoint), ("output", output)):
-        if path is not None:
-            record[key] = {"path": str(Path(path).resolve()), "sha256": checkpoint.sha256(path)}
+    if args.checkpoint is not None:
+        record["checkpoint"] = {"path": str(args.checkpoint.resolve()), "sha256": checkpoint.sha256(args.checkpoint)}
     record["model"] = {"spec": args.model, "kwargs": args.model_kwargs}
     record["calibration"] = {
         "folder": str(args.calib.resolve()), "images": _count(loader),
@@ -414,6 +435,30 @@ def _provenance(
         "batch_size": args.batch_size, "num_batches": args.num_batches, "device": args.device,
     }
     return record
+
+
+def _note_if_converted(path: Path) -> None:
+    """Say that ``path`` was written by fxeq convert, with its report's summary, if it was."""
+    report_file = checkpoint.converted_report(path)
+    if report_file is None:
+        return
+    try:
+        report = json.loads(report_file.read_text())
+        lines = [f"  converted from {report['checkpoint']['path']}", *map(_site_summary, report["sites"])]
+    except (OSError, ValueError, LookupError, TypeError) as e:  # a report that is not fxeq's, or edited
+        lines = [f"  (the report could not be read: {type(e).__name__}: {e})"]
+    _note(
+        f"{path} is a checkpoint converted by fxeq convert ({report_file} lies beside it). Its fusing convs "
+        "were rescaled; the fusion inputs measured below are not, so their std ratios are the same as "
+        "before. The conversion, from the report:\n" + "\n".join(lines)
+    )
+
+
+def _site_summary(site: dict[str, Any]) -> str:
+    """One site of a JSON report: its convs and the std ratio that conversion divided out."""
+    convs = ", ".join(c.get("module") or c["weight"].rpartition(".")[0] for c in site["convs"])
+    ratio = site["disequilibrium"]
+    return f"  site {site['name']} -> {convs}; std max/min {'-' if ratio is None else f'{ratio:.2f}'} divided out"
 
 
 def _count(loader: DataLoader[torch.Tensor]) -> int:

@@ -2,11 +2,13 @@
 
 fxeq measures each fusion input's mean and std on calibration batches, so the
 command line needs batches from image files: :func:`calibration_loader` finds
-the images under a folder, resizes (shorter side) and center-crops them to one
-size, normalizes them as the model was trained, and batches them. Calibration
-runs batch normalization with batch statistics, which fails on batches of one
-sample where a feature map is 1x1 (ASPP image pooling), so the loader insists
-on batches of at least two.
+the images under a folder, decodes them with ``torchvision.io.decode_image``
+(8- and 16-bit, grayscale, palette and RGBA files alike, as RGB), resizes
+(shorter side) and center-crops them to one size, scales them to 0..1 by
+their bit depth, normalizes them as the model was trained, and batches them.
+Calibration runs batch normalization with batch statistics, which fails on
+batches of one sample where a feature map is 1x1 (ASPP image pooling), so the
+loader insists on batches of at least two.
 
 :func:`generate_images` writes synthetic multi-scale textures for ``fxeq demo``,
 so that the demo runs with nothing downloaded. They exercise the pipeline; they
@@ -16,41 +18,54 @@ are no substitute for real training images.
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 __all__ = [
-    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFiles", "calibration_loader",
-    "find_images", "generate_images",
+    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFiles", "UnreadableImageError",
+    "calibration_loader", "find_images", "generate_images",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GENERATED_PREFIX = "generated-texture-"
 _KINDS = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+_CPP_LOCATION = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes its errors with the C++ source line
+
+
+class UnreadableImageError(ValueError):
+    """A calibration file is not an image that can be decoded."""
 
 
 def find_images(folder: str | Path) -> list[Path]:
     """The image files under ``folder``, searched recursively, in sorted order.
 
-    Files ending in one of :data:`IMAGE_SUFFIXES` (any case) count.
+    Files ending in one of :data:`IMAGE_SUFFIXES` (any case) count. Other
+    files are skipped with a warning that counts them by extension.
 
     Raises:
         FileNotFoundError: ``folder`` is not an existing folder.
+        ValueError: ``folder`` holds files, but none of them is an image.
 
     Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
+        >>> import tempfile, warnings
+        >>> with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
         ...     for name in ("b.PNG", "a.jpg", "notes.txt"):
         ...         _ = (Path(d) / name).write_bytes(b"")
-        ...     [p.name for p in find_images(d)]
-        ['a.jpg', 'b.PNG']
+        ...     [p.name for p in find_images(d)], str(caught[0].message).split(": ")[1]
+        (['a.jpg', 'b.PNG'], '1 .txt; to calibrate on images among them, convert them to png')
     """
     root = Path(folder)
     if not root.is_dir():
@@ -58,21 +73,41 @@ def find_images(folder: str | Path) -> list[Path]:
             f"calibration folder {root} does not exist or is not a folder; pass a folder of "
             f"{_KINDS} images (searched recursively)"
         )
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = Counter(p.suffix.lower() or "(no extension)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+    if not others:
+        return images
+    found = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
+    if not images:
+        raise ValueError(
+            f"calibration folder {root} holds no {_KINDS} image, only other files: {found}. Convert the "
+            f"images to {_KINDS}, or pass the folder that holds them"
+        )
+    warnings.warn(
+        f"skipped {_plural(others.total(), 'file')} in {root} whose extension is not {_KINDS}: {found}; "
+        "to calibrate on images among them, convert them to png",
+        stacklevel=2,
+    )
+    return images
 
 
 class ImageFiles(Dataset[torch.Tensor]):
     """Image files as normalized ``(3, size, size)`` float tensors.
 
-    Each image is converted to RGB, resized so that its shorter side is
-    ``size``, center-cropped to ``size`` x ``size`` and normalized with
-    ``mean`` and ``std`` (per channel, on the 0..1 scale).
+    Each image is decoded as RGB (grayscale is repeated, alpha dropped),
+    resized so that its shorter side is ``size``, center-cropped to ``size``
+    x ``size``, scaled to 0..1 by its bit depth (a 16-bit PNG by 65535) and
+    normalized with ``mean`` and ``std`` (per channel, on the 0..1 scale).
 
     Args:
         paths: the image files.
         size: output height and width. Default: 512.
         mean: per-channel mean. Default: ImageNet's.
         std: per-channel std. Default: ImageNet's.
+
+    Raises:
+        UnreadableImageError: on indexing, when the file cannot be decoded.
 
     Example:
         >>> import tempfile
@@ -93,8 +128,13 @@ class ImageFiles(Dataset[torch.Tensor]):
     ) -> None:
         self.paths = list(paths)
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # Resize before the float conversion: the integer path keeps flat colours exact, and is faster.
+        self.transform = v2.Compose([
+            v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -102,13 +142,10 @@ class ImageFiles(Dataset[torch.Tensor]):
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
-                # Resize the shorter side to size (antialiased), then crop the center.
-                square = ImageOps.fit(image.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR)
-        except OSError as e:
-            raise OSError(f"could not read calibration image {path} ({e}); remove it or save it again") from e
-        pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
-        return (pixels.permute(2, 0, 1).float() / 255 - self.mean) / self.std
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except (OSError, RuntimeError) as e:
+            raise _unreadable(path, e) from e
+        return self.transform(image)
 
 
 def calibration_loader(
@@ -138,8 +175,9 @@ def calibration_loader(
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
-        ValueError: bad size, mean, std or batch size, fewer than two images,
-            or a file that is not an image.
+        ValueError: bad size, mean, std or batch size, or fewer than two images.
+        UnreadableImageError: a file whose header is not an image's; a file
+            that fails to decode later raises it while iterating.
 
     Example:
         >>> import tempfile
@@ -166,15 +204,15 @@ def calibration_loader(
     paths = find_images(folder)
     if len(paths) < 2:
         raise ValueError(
-            f"found {len(paths)} image(s) in {folder}, need at least 2 (batch normalization with batch "
-            f"statistics needs 2 samples per batch). Add {_KINDS} "
-            "images from the training set; a few hundred give stable statistics."
+            f"found {_plural(len(paths), 'image')} in {folder}, need at least 2 (batch normalization with batch "
+            f"statistics needs 2 samples per batch). Add {_KINDS} images from the training set; a few hundred "
+            "give stable statistics."
         )
     for path in paths:  # fail before any work on a file that is not an image (reads headers only)
         try:
             Image.open(path).close()
         except OSError as e:
-            raise ValueError(f"calibration file {path} is not a readable image ({e}); remove it or re-save it") from e
+            raise _unreadable(path, e) from e
     dataset = ImageFiles(paths, size=size, mean=mean, std=std)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=len(paths) % batch_size == 1)
 
@@ -222,3 +260,16 @@ def generate_images(folder: str | Path, count: int, *, size: int = 128, seed: in
         Image.fromarray(pixels.numpy()).save(path)
         files.append(path)
     return files
+
+
+def _unreadable(path: Path, error: Exception) -> UnreadableImageError:
+    lines = str(error).strip().splitlines()
+    detail = _CPP_LOCATION.sub("", lines[0]) if lines else type(error).__name__
+    return UnreadableImageError(
+        f"calibration file {path} is not a readable image ({detail}); remove it, or save it again as {_KINDS}"
+    )
+
+
+def _plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``count`` and the noun in agreement: ``1 file``, ``2 files``; ``nouns`` for irregular plurals."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -31,17 +31,46 @@ from torch import nn
 from .errors import CalibrationError
 from .sites import Site
 
-__all__ = ["PassDone", "ScaleObserver", "SiteObservers", "observation_point"]
+__all__ = ["PassDone", "ScaleObserver", "SiteObservers", "channel_moments", "observation_point"]
+
+
+def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Per channel (dim 1) of ``x``: the element count, the mean and the sum of squared deviations (M2).
+
+    Per-channel reductions: the channel means (the shift), then the sum and the
+    norm of the values centred on them. Centring keeps a large mean from
+    swamping a small variance (a float32 sum and sum of squares gives a
+    negative variance at mean 1e4), and the sum of the deviations corrects the
+    shift's own rounding. The results are float64; fp16/bf16 input is read as
+    float32. A tensor with fewer than 2 dims is one channel.
+
+    Example:
+        >>> count, mean, m2 = channel_moments(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))
+        >>> count, mean.tolist(), [round(v, 5) for v in m2.tolist()]
+        (2, [2.0, 4.0], [2.0, 2.0])
+    """
+    values = x.detach()
+    if values.element_size() < 4:  # fp16/bf16 deviations would round
+        values = values.float()
+    if values.dim() < 2:
+        values = values.reshape(-1, 1)
+    dims = [0, *range(2, values.dim())]
+    count = values.numel() // values.shape[1]
+    shift = values.mean(dim=dims, keepdim=True)
+    deviation = values - shift
+    s1 = deviation.sum(dim=dims).double()
+    s2 = torch.linalg.vector_norm(deviation, dim=dims).double().square()
+    return count, shift.flatten().double() + s1 / count, s2 - s1 * s1 / count
 
 
 class ScaleObserver(nn.Module):
     """Accumulates the global mean and variance of the tensors it sees.
 
-    Each batch is centred on its own mean (one transient copy of the input)
-    and reduced with float64 accumulators, then merged into float64 running
-    ``mean`` and ``m2`` buffers with Chan's parallel formula. The element count is a
-    host-side integer known from shapes, and everything else stays on the
-    tensor's device: no host synchronization per batch.
+    Each batch is reduced per channel (:func:`channel_moments`), the channels
+    are merged exactly in float64, and the result is merged into float64
+    running ``mean`` and ``m2`` buffers with Chan's parallel formula. The
+    element count is a host-side integer known from shapes, and everything else
+    stays on the tensor's device: no host synchronization per batch.
 
     Example:
         >>> obs = ScaleObserver()
@@ -70,24 +99,17 @@ class ScaleObserver(nn.Module):
         self.samples = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or x.numel() == 0:
-            return x
-        if self.mean.device != x.device:
-            self.to(x.device)
-        values = x.detach()
-        if values.element_size() < 4:  # fp16/bf16 deviations would round
-            values = values.float()
-        n = values.numel()
-        # Centre on the batch mean first: deviations from a nearby shift are exact
-        # (Sterbenz), so a large mean cannot swamp a small variance; then sum the
-        # deviations and their squares with float64 accumulators.
-        shift = values.mean()
-        deviation = values - shift
-        s1 = deviation.sum(dtype=torch.float64)
-        s2 = torch.linalg.vector_norm(deviation, dtype=torch.float64).square()
-        self.merge(n, shift.double() + s1 / n, s2 - s1 * s1 / n)
-        self.samples += x.shape[0] if x.dim() else 1
+        if self.enabled and x.numel():
+            self.observe_channels(*channel_moments(x), samples=x.shape[0] if x.dim() else 1)
         return x
+
+    def observe_channels(self, count: int, mean: torch.Tensor, m2: torch.Tensor, *, samples: int) -> None:
+        """Merge channels' moments (each over ``count`` elements) as one batch of ``samples`` samples."""
+        if self.mean.device != mean.device:
+            self.to(mean.device)
+        total = mean.mean()
+        self.merge(count * mean.numel(), total, m2.sum() + count * (mean - total).square().sum())
+        self.samples += samples
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge another partition's (count, mean, m2) into this one (Chan et al.)."""
@@ -204,8 +226,9 @@ class SiteObservers:
                 f"{site.channels}-channel concatenation, but received {found}. The model computes something "
                 "else on this batch than on the batch it was captured with; calibrate with batches like it."
             )
+        count, mean, m2 = channel_moments(x)  # one pass over the conv input for all slices
         for channels, observer in slices:
-            observer(x[:, channels])
+            observer.observe_channels(count, mean[channels], m2[channels], samples=x.shape[0])
         self._pending.discard(id(module))
         if self.stop_early and not self._pending:
             raise PassDone

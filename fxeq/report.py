@@ -112,7 +112,8 @@ class Report:
                 inputs.append(entry)
             convs = [
                 {
-                    "node": c.node, "weight": c.weight, "bias": c.bias, "groups": c.groups,
+                    "node": c.node, "module": c.module, "weight": c.weight, "bias": c.bias, "groups": c.groups,
+                    "dtype": c.dtype,
                     "padded": c.padded, "followed_by_norm": c.followed_by_norm,
                     "folded_scale": self.folded, "folded_mean": self.folded and c.bias is not None,
                     "notes": self._conv_notes(c),

@@ -3,7 +3,7 @@
 A *site* is a channel concatenation whose output reaches one or more convs
 (directly or through ops that neither change values' scale nor normalize:
 identity, dropout, casts) and at least one of whose inputs comes from an
-upsampling op (directly or through elementwise ops such as activations)::
+upsampling op::
 
     branch_0 ──────────────────────┐
     branch_1 ── interpolate ── relu ┼── cat(dim=1) ── dropout ── conv
@@ -12,8 +12,46 @@ upsampling op (directly or through elementwise ops such as activations)::
 Finding sites never mutates the graph. The result is plain data
 (:class:`SiteSearch`): every site with its inputs' channel slices and its
 fusing convs' parameter names, and every channel concatenation that was
-skipped with the reason why. The op tables below hold the module, functional
-and aten forms of each op; adding an op is one line.
+skipped with the reason why. The rules, precisely:
+
+* **Channel concatenation.** A concatenation on dim 1 of a tensor with at
+  least 4 dims (N, C, spatial...). A 3-D tensor counts only when a conv (a
+  conv1d) reads the concatenation; otherwise its dim 1 is taken to be the
+  token axis of a ``[batch, tokens, channels]`` tensor (a ViT's class token)
+  and the concatenation is skipped as "not a channel concatenation".
+  Concatenations on other axes are left out (at debug log level).
+* **Nested concatenations are flattened.** A channel concatenation read only
+  by other channel concatenations (UNet++'s ``cat([up, cat([a, b])])``) is no
+  site of its own and is not listed as skipped: each of its inputs becomes an
+  input of the outer site, with its own slice of the outer channels (see
+  :attr:`SiteInput.index`), and the outer site's notes name it.
+* **Comes from upsampling.** Walking back from an input through identity ops,
+  elementwise ops (activations, products and sums with a scalar) and gates
+  reaches an upsampling op (any mode). A *gate* is a product with a factor
+  that is constant over the spatial dims: a per-sample and per-channel map
+  (``[N, C, 1, 1]``, ``[N, 1, 1, 1]``, ``[C, 1, 1]``), as in squeeze-excitation
+  and MAnet's ``upsample(x) * (se_hl + se_ll)``. It rescales channels but
+  keeps the spatial smoothing, hence the variance loss, of the upsampling. A
+  product with a map that varies over space (an attention map
+  ``[N, 1, H, W]``) is not a gate: its result is a product of two features.
+* **Producer.** :attr:`SiteInput.producer` names the op whose output the
+  concatenation reads, looking back only through upsampling, identity ops
+  and layout ops (permute, view, reshape), which move values without
+  computing them: ``relu`` for Conv-BN-ReLU-upsample, the layer norm behind
+  a ``permute``.
+* **In-place variants** of pass-through ops (``relu_``, ``feature_dropout_``,
+  ``mul_``) are the same ops.
+* **Shared parameters.** A fusing conv whose weight or bias another op reads,
+  or that the graph module holds under two names (tied parameters), cannot be
+  rescaled alone; its site is skipped.
+* **Dependencies.** A site depends on another when that site's fusing conv
+  output reaches its inputs by any path, through normalization layers too:
+  a batch norm fixes each channel's mean and variance but not the shape of
+  the distribution, which the ReLU and upsampling after it see (measured:
+  smp UPerNet's FPN fusion depends on its pyramid-pooling site).
+
+The op tables below hold the module, functional and aten forms of each op;
+adding an op is one line.
 """
 
 from __future__ import annotations
@@ -22,15 +60,19 @@ import logging
 import operator
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["FusingConv", "Site", "SiteInput", "SiteSearch", "Skipped", "find_sites"]
+__all__ = [
+    "FusingConv", "Site", "SiteInput", "SiteSearch", "Skipped", "batch_norm_module", "conv_parameters",
+    "find_sites",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,38 +80,46 @@ _logger = logging.getLogger(__name__)
 # Op tables: each maps an op, in one of its forms, to a category.
 # ---------------------------------------------------------------------------
 
-_UPSAMPLE, _CAT, _CONV, _TCONV, _NORM, _IDENTITY, _ELEMENTWISE, _SCALAR = (
-    "upsample", "cat", "conv", "transposed conv", "norm", "identity", "elementwise", "scalar"
+_UPSAMPLE, _CAT, _CONV, _TCONV, _NORM, _IDENTITY, _LAYOUT, _ELEMENTWISE, _SCALAR, _PRODUCT, _GATE = (
+    "upsample", "cat", "conv", "transposed conv", "norm", "identity", "layout", "elementwise", "scalar",
+    "product", "gate",
 )
+
+# The in-place variant of these ops (a trailing underscore: relu_, feature_dropout_, mul_) is the same op.
+_PASS_THROUGH = (_IDENTITY, _LAYOUT, _ELEMENTWISE, _SCALAR, _PRODUCT)
 
 _FUNCTIONS: dict[object, str] = {
     F.interpolate: _UPSAMPLE, F.upsample: _UPSAMPLE,
     F.upsample_bilinear: _UPSAMPLE, F.upsample_nearest: _UPSAMPLE,
     torch.cat: _CAT, torch.concat: _CAT, torch.concatenate: _CAT,
-    F.conv1d: _CONV, F.conv2d: _CONV, F.conv3d: _CONV,
-    torch.conv1d: _CONV, torch.conv2d: _CONV, torch.conv3d: _CONV,
-    F.conv_transpose1d: _TCONV, F.conv_transpose2d: _TCONV, F.conv_transpose3d: _TCONV,
-    F.batch_norm: _NORM, F.instance_norm: _NORM, F.group_norm: _NORM, F.layer_norm: _NORM,
+    F.instance_norm: _NORM, F.group_norm: _NORM, F.layer_norm: _NORM,
     F.local_response_norm: _NORM, F.rms_norm: _NORM, F.normalize: _NORM,
     F.dropout: _IDENTITY, F.dropout1d: _IDENTITY, F.dropout2d: _IDENTITY, F.dropout3d: _IDENTITY,
     F.alpha_dropout: _IDENTITY, F.feature_alpha_dropout: _IDENTITY,
+    torch.dropout: _IDENTITY, torch.feature_dropout: _IDENTITY, torch.alpha_dropout: _IDENTITY,
+    torch.feature_alpha_dropout: _IDENTITY, torch.dropout_: _IDENTITY, torch.feature_dropout_: _IDENTITY,
+    torch.alpha_dropout_: _IDENTITY, torch.feature_alpha_dropout_: _IDENTITY,
+    torch.permute: _LAYOUT, torch.reshape: _LAYOUT, torch.flatten: _LAYOUT, torch.transpose: _LAYOUT,
+    torch.squeeze: _LAYOUT, torch.unsqueeze: _LAYOUT, torch.movedim: _LAYOUT,
     F.relu: _ELEMENTWISE, F.relu6: _ELEMENTWISE, F.gelu: _ELEMENTWISE, F.silu: _ELEMENTWISE,
     F.leaky_relu: _ELEMENTWISE, F.hardswish: _ELEMENTWISE, F.hardsigmoid: _ELEMENTWISE,
     F.hardtanh: _ELEMENTWISE, F.elu: _ELEMENTWISE, F.selu: _ELEMENTWISE, F.mish: _ELEMENTWISE,
     F.softplus: _ELEMENTWISE, F.sigmoid: _ELEMENTWISE, F.tanh: _ELEMENTWISE,
+    F.relu_: _ELEMENTWISE, F.leaky_relu_: _ELEMENTWISE, F.hardtanh_: _ELEMENTWISE, F.elu_: _ELEMENTWISE,
+    F.selu_: _ELEMENTWISE,
     torch.relu: _ELEMENTWISE, torch.sigmoid: _ELEMENTWISE, torch.tanh: _ELEMENTWISE,
-    operator.mul: _SCALAR, operator.add: _SCALAR, operator.sub: _SCALAR, operator.truediv: _SCALAR,
-    torch.mul: _SCALAR, torch.add: _SCALAR,
+    torch.relu_: _ELEMENTWISE, torch.sigmoid_: _ELEMENTWISE, torch.tanh_: _ELEMENTWISE,
+    operator.add: _SCALAR, operator.sub: _SCALAR, operator.truediv: _SCALAR, torch.add: _SCALAR,
+    operator.mul: _PRODUCT, torch.mul: _PRODUCT,
 }
 
-# isinstance checks, first match wins (transposed convs subclass _ConvNd too).
+# isinstance checks, first match wins.
 _MODULES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Upsample, _UPSAMPLE),
-    (nn.modules.conv._ConvTransposeNd, _TCONV),
-    (nn.modules.conv._ConvNd, _CONV),
-    (nn.modules.batchnorm._NormBase, _NORM),
+    (nn.modules.instancenorm._InstanceNorm, _NORM),
     (nn.GroupNorm, _NORM), (nn.LayerNorm, _NORM), (nn.LocalResponseNorm, _NORM), (nn.RMSNorm, _NORM),
     (nn.Identity, _IDENTITY), (nn.modules.dropout._DropoutNd, _IDENTITY),
+    (nn.Flatten, _LAYOUT), (nn.Unflatten, _LAYOUT),
     (nn.ReLU, _ELEMENTWISE), (nn.ReLU6, _ELEMENTWISE), (nn.LeakyReLU, _ELEMENTWISE),
     (nn.GELU, _ELEMENTWISE), (nn.SiLU, _ELEMENTWISE), (nn.Hardswish, _ELEMENTWISE),
     (nn.Hardsigmoid, _ELEMENTWISE), (nn.Hardtanh, _ELEMENTWISE), (nn.Sigmoid, _ELEMENTWISE),
@@ -77,15 +127,19 @@ _MODULES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.CELU, _ELEMENTWISE), (nn.Mish, _ELEMENTWISE), (nn.Softplus, _ELEMENTWISE),
 )
 
+# Tensor methods; in-place variants (relu_, mul_) are looked up without their underscore.
 _METHODS: dict[str, str] = {
     "contiguous": _IDENTITY, "to": _IDENTITY, "float": _IDENTITY, "half": _IDENTITY,
     "bfloat16": _IDENTITY, "double": _IDENTITY, "type": _IDENTITY, "clone": _IDENTITY,
     "detach": _IDENTITY,
-    "relu": _ELEMENTWISE, "relu_": _ELEMENTWISE, "sigmoid": _ELEMENTWISE, "tanh": _ELEMENTWISE,
-    "mul": _SCALAR, "add": _SCALAR, "sub": _SCALAR, "div": _SCALAR,
+    "permute": _LAYOUT, "view": _LAYOUT, "reshape": _LAYOUT, "flatten": _LAYOUT, "unflatten": _LAYOUT,
+    "transpose": _LAYOUT, "squeeze": _LAYOUT, "unsqueeze": _LAYOUT, "movedim": _LAYOUT,
+    "relu": _ELEMENTWISE, "sigmoid": _ELEMENTWISE, "tanh": _ELEMENTWISE,
+    "add": _SCALAR, "sub": _SCALAR, "div": _SCALAR, "mul": _PRODUCT,
 }
 
-# aten ops by overload-packet name (what torch.export produces).
+# aten ops by overload-packet name (what torch.export produces); in-place
+# variants (relu_, feature_dropout_, mul_) are looked up without their underscore.
 _ATEN: dict[str, str] = {
     **dict.fromkeys((
         "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "upsample_linear1d",
@@ -94,11 +148,7 @@ _ATEN: dict[str, str] = {
         "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
     ), _UPSAMPLE),
     **dict.fromkeys(("cat", "concat", "concatenate"), _CAT),
-    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "convolution", "_convolution"), _CONV),
-    **dict.fromkeys(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), _TCONV),
     **dict.fromkeys((
-        "batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit_functional", "native_batch_norm", "cudnn_batch_norm",
         "instance_norm", "group_norm", "native_group_norm", "layer_norm", "native_layer_norm",
         "rms_norm", "_fused_rms_norm",
     ), _NORM),
@@ -107,17 +157,67 @@ _ATEN: dict[str, str] = {
         "contiguous", "_to_copy", "to", "alias", "detach", "_assert_tensor_metadata",
     ), _IDENTITY),
     **dict.fromkeys((
-        "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "leaky_relu", "leaky_relu_",
-        "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_",
-        "sigmoid", "sigmoid_", "tanh", "tanh_", "elu", "elu_", "selu", "selu_", "mish", "mish_",
-        "softplus",
+        "permute", "view", "_unsafe_view", "reshape", "flatten", "unflatten", "transpose", "squeeze",
+        "unsqueeze", "movedim",
+    ), _LAYOUT),
+    **dict.fromkeys((
+        "relu", "relu6", "gelu", "silu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh",
+        "sigmoid", "tanh", "elu", "selu", "celu", "mish", "softplus",
     ), _ELEMENTWISE),
-    **dict.fromkeys(("mul", "add", "sub", "div", "mul_", "add_", "sub_", "div_"), _SCALAR),
+    **dict.fromkeys(("add", "sub", "div"), _SCALAR),
+    "mul": _PRODUCT,
 }
 
-# Positional index of (weight, bias, stride, padding, dilation, groups) in functional/aten convs.
+
+@dataclass(frozen=True)
+class _Form:
+    """Where one form of an op keeps its operands.
+
+    Attributes:
+        args: each operand's argument position in a function or aten call
+            (its keyword has the same name). Empty for modules, which hold
+            the operands as attributes of those names.
+        transposed: whether the form is a transposed conv.
+    """
+
+    args: Mapping[str, int]
+    transposed: bool = False
+
+
+_MODULE_FORM = _Form({})
+# conv{1,2,3}d and conv_transpose{1,2,3}d (input, weight, bias, stride, padding, ..., groups, ...).
 _CONV_ARGS = {"weight": 1, "bias": 2, "padding": 4, "groups": 6}
+# aten.convolution says in an argument whether it is transposed.
 _CONVOLUTION_ARGS = {"weight": 1, "bias": 2, "padding": 4, "transposed": 6, "groups": 8}
+
+# Convs: module classes (isinstance, first match wins; transposed convs
+# subclass _ConvNd too), functions and aten overload-packet names.
+_CONVS: dict[object, _Form] = {
+    nn.modules.conv._ConvTransposeNd: _Form({}, transposed=True),
+    nn.modules.conv._ConvNd: _MODULE_FORM,
+    **dict.fromkeys((
+        F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, "conv1d", "conv2d", "conv3d",
+    ), _Form(_CONV_ARGS)),
+    **dict.fromkeys((
+        F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
+        torch.conv_transpose2d, torch.conv_transpose3d, "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    ), _Form(_CONV_ARGS, transposed=True)),
+    **dict.fromkeys(("convolution", "_convolution"), _Form(_CONVOLUTION_ARGS)),
+}
+
+# aten.batch_norm and its lowerings (input, weight, bias, running_mean, running_var, ...).
+_BATCH_NORM_ARGS = {"running_mean": 3, "running_var": 4}
+
+# Batch norms, in the same three forms.
+_BATCH_NORMS: dict[object, _Form] = {
+    nn.modules.batchnorm._BatchNorm: _MODULE_FORM,
+    F.batch_norm: _Form({"running_mean": 1, "running_var": 2}),
+    **dict.fromkeys((
+        torch.batch_norm, "batch_norm", "native_batch_norm", "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "cudnn_batch_norm",
+        "miopen_batch_norm",
+    ), _Form(_BATCH_NORM_ARGS)),
+}
 
 
 def _aten_name(target: object) -> str | None:
@@ -128,24 +228,86 @@ def _aten_name(target: object) -> str | None:
     return None
 
 
+def _lookup(table: Mapping[str, str], name: str) -> str | None:
+    """``table[name]``, or the category of the op whose in-place variant ``name`` is."""
+    category = table.get(name)
+    if category is None and name.endswith("_"):
+        category = table.get(name[:-1])
+        category = category if category in _PASS_THROUGH else None
+    return category
+
+
+def _form(gm: fx.GraphModule, node: fx.Node, table: Mapping[object, _Form]) -> _Form | None:
+    """The entry of a forms table (:data:`_CONVS`, :data:`_BATCH_NORMS`) for ``node``'s op, or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return next((v for k, v in table.items() if isinstance(k, type) and isinstance(module, k)), None)
+    if node.op == "call_function":
+        aten = _aten_name(node.target)
+        return table.get(aten if aten is not None else node.target)
+    return None
+
+
 def _category(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The op category of ``node`` (one of the table values), or None."""
+    """The op category of ``node`` (one of the table values, or ``_GATE``), or None."""
+    conv = _form(gm, node, _CONVS)
+    if conv is not None:
+        flag = conv.args.get("transposed")
+        transposed = conv.transposed or (flag is not None and bool(_arg(node, flag, "transposed")))
+        return _TCONV if transposed else _CONV
+    if _form(gm, node, _BATCH_NORMS) is not None:
+        return _NORM
     category: str | None = None
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         category = next((c for cls, c in _MODULES if isinstance(module, cls)), None)
     elif node.op == "call_method":
-        category = _METHODS.get(str(node.target))
+        category = _lookup(_METHODS, str(node.target))
     elif node.op == "call_function":
         aten = _aten_name(node.target)
-        category = _ATEN.get(aten) if aten is not None else _FUNCTIONS.get(node.target)
-        if aten in ("convolution", "_convolution") and _arg(node, _CONVOLUTION_ARGS["transposed"]):
-            category = _TCONV
-    if category == _SCALAR:
-        # x * 2.0 keeps relative scales between branches; x * y does not.
-        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
-        category = _ELEMENTWISE if len(tensors) == 1 else None
+        category = _lookup(_ATEN, aten) if aten is not None else _FUNCTIONS.get(node.target)
+    if category in (_SCALAR, _PRODUCT):
+        # x * 2.0 keeps relative scales between branches; x * y does not, unless y is a gate.
+        tensors = _tensor_args(node)
+        if len(tensors) == 1:
+            category = _ELEMENTWISE
+        elif category == _PRODUCT and _gated(node) is not None:
+            category = _GATE
+        else:
+            category = None
     return category
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+
+
+def _gated(product: fx.Node) -> fx.Node | None:
+    """The factor that a gate multiplies in ``product``, or None if neither factor is a gate.
+
+    A gate is constant over the spatial dims (dims 2 and up of the product,
+    broadcasting from the right); the gated factor has the product's shape.
+    """
+    factors = _tensor_args(product)
+    out = _shape(product)
+    if len(factors) != 2 or out is None or len(out) < 3:
+        return None
+    for value, gate in (factors, factors[::-1]):
+        shape = _shape(gate)
+        if _shape(value) != out or shape is None or len(shape) > len(out):
+            continue
+        offset = len(out) - len(shape)
+        if all(size == 1 for k, size in enumerate(shape) if k + offset >= 2):
+            return value
+    return None
+
+
+def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input whose values a pass-through ``node`` (upsampled, activated, gated...) carries on."""
+    if _category(gm, node) == _GATE:
+        return _gated(node)
+    tensors = _tensor_args(node)
+    return tensors[0] if tensors else None
 
 
 def _is_cat(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -173,21 +335,26 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """A short human name for a node: its module path, or op and weight owner.
+    """A short human name for a node: its module path, or its op and the module it belongs to.
+
+    For a function call, the module is its weight's owner, else the
+    innermost module whose forward called it (``nn_module_stack``), if any.
 
     Example:
-        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1)))
-        >>> describe(gm, list(gm.graph.nodes)[1])
-        '0 (Conv2d)'
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+        >>> [describe(gm, n) for n in gm.graph.nodes]
+        ['placeholder input', '0 (Conv2d)', '1 (ReLU)', 'output output']
     """
     if node.op == "call_module":
         return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
     if node.op == "call_function":
         name = _aten_name(node.target) or str(getattr(node.target, "__name__", node.target))
         weight = _arg(node, 1)
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path = str(stack[-1][0]) if stack else ""
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            return f"{name} {str(weight.target).rsplit('.', 1)[0]}"
-        return name
+            path = str(weight.target).rpartition(".")[0]
+        return f"{name} {path}" if path else name
     if node.op == "call_method":
         return f".{node.target}()"
     return f"{node.op} {node.target}"
@@ -200,13 +367,19 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
 
 @dataclass(frozen=True)
 class SiteInput:
-    """One input edge of a fusion concatenation.
+    """One input of a fusion site: a slice of its concatenated channels.
 
     Attributes:
-        index: position in the concatenation's input list.
-        node: name of the node feeding the concatenation.
-        channels: the ``[start, stop)`` channel slice it occupies.
-        producer: the op that produced it, behind any upsample and elementwise ops.
+        index: position in the site's flattened input list: the
+            concatenation's inputs in order, with each nested concatenation
+            replaced by its own inputs (zero-width inputs count, and are not
+            listed). Without nesting, the position in the concatenation's
+            input list. Unique within the site.
+        node: name of the node feeding the (innermost) concatenation.
+        channels: the ``[start, stop)`` slice it occupies in the channels
+            that the fusing convs read.
+        producer: the op whose output it is, behind any upsampling, identity
+            and layout ops (``describe`` of that node).
         upsample: upsample mode (``"bilinear"``, ``"nearest"``, ...) or None.
         scale: spatial upsampling factor per dimension on the example batch, or None.
     """
@@ -225,6 +398,8 @@ class FusingConv:
 
     Attributes:
         node: name of the conv node.
+        module: qualified path of the module owning its weight (``""`` for a
+            weight of the root module).
         weight: qualified name of its weight parameter.
         bias: qualified name of its bias parameter, or None.
         groups: conv groups.
@@ -233,15 +408,18 @@ class FusingConv:
         batch_norm: module path of the batch norm (with running statistics)
             that alone reads its output, if any: ``{batch_norm}.running_mean``
             names its buffer in the model and in the captured graph.
+        dtype: the weight's dtype, e.g. ``"float32"``.
     """
 
     node: str
+    module: str
     weight: str
     bias: str | None
     groups: int
     padded: bool
     followed_by_norm: bool
     batch_norm: str | None = None
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -249,11 +427,12 @@ class Site:
     """A fusion site: a concatenation, its inputs and its fusing convs.
 
     Attributes:
-        name: name of the concatenation node.
-        inputs: the non-empty inputs, in concatenation order.
+        name: name of the (outermost) concatenation node.
+        inputs: the non-empty inputs, in channel order.
         convs: the convs that read the concatenation.
-        depends_on: sites whose fusing convs feed this site's inputs with no
-            normalization in between (calibrate those first).
+        depends_on: sites whose fusing convs' outputs reach this site's
+            inputs by any path, normalization layers included (calibrate
+            and fold those first), in graph order.
         notes: remarks for the report.
     """
 
@@ -271,7 +450,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A channel concatenation that is not a site, and why."""
+    """A concatenation that is not a site, and why."""
 
     node: str
     reason: str
@@ -283,7 +462,7 @@ class SiteSearch:
 
     Attributes:
         sites: fusion sites, in graph order.
-        skipped: channel concatenations that are not sites, with reasons.
+        skipped: concatenations that are not sites, with reasons.
     """
 
     sites: tuple[Site, ...]
@@ -297,11 +476,28 @@ class SiteSearch:
         """The site whose concatenation node is ``name``."""
         return self._by_name[name]
 
+    def upstream_of(self, name: str) -> tuple[Site, ...]:
+        """The sites that site ``name`` depends on, in graph order.
+
+        Example:
+            >>> a = Site("cat", (), ())
+            >>> b = Site("cat_1", (), (), depends_on=("cat",))
+            >>> [s.name for s in SiteSearch((a, b), ()).upstream_of("cat_1")]
+            ['cat']
+        """
+        return tuple(self._by_name[d] for d in self._by_name[name].depends_on)
+
     def generations(self) -> list[tuple[Site, ...]]:
         """Sites grouped so that each group depends only on earlier groups.
 
         Each group needs one calibration pass, after the groups before it
-        have been folded.
+        have been folded. A site downstream of another site's fusing conv
+        is in a later group even when normalization layers lie between.
+
+        Example:
+            >>> a, b = Site("cat", (), ()), Site("cat_1", (), (), depends_on=("cat",))
+            >>> [[s.name for s in g] for g in SiteSearch((a, b), ()).generations()]
+            [['cat'], ['cat_1']]
         """
         graph = nx.DiGraph()
         graph.add_nodes_from(s.name for s in self.sites)
@@ -314,15 +510,100 @@ class SiteSearch:
 
 
 # ---------------------------------------------------------------------------
+# Parameters of convs and batch norms
+# ---------------------------------------------------------------------------
+
+
+def conv_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str | None]:
+    """Qualified names of a conv node's weight and bias parameters (None: no bias).
+
+    Args:
+        gm: the graph module holding ``node``.
+        node: a conv node, in module, functional or aten form.
+
+    Raises:
+        ValueError: ``node`` is not a conv, or takes its weight or bias from a
+            computed tensor rather than a parameter.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False)))
+        >>> conv_parameters(gm, list(gm.graph.nodes)[1])
+        ('0.weight', None)
+    """
+    form = _form(gm, node, _CONVS)
+    if form is None:
+        raise ValueError(f"node {node.name} ({describe(gm, node)}) is not a conv")
+    names = _conv_parameters(gm, node, form)
+    if names is None:
+        raise ValueError(f"conv {node.name} ({describe(gm, node)}) takes its weight or bias from a "
+                         "computed tensor, not a parameter")
+    return names
+
+
+def _conv_parameters(gm: fx.GraphModule, node: fx.Node, form: _Form) -> tuple[str, str | None] | None:
+    if not form.args:
+        module = gm.get_submodule(str(node.target))
+        return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
+    weight = _get_parameter(gm, _arg(node, form.args["weight"], "weight"))
+    bias_arg = _arg(node, form.args["bias"], "bias")
+    bias = _get_parameter(gm, bias_arg)
+    if weight is None or (bias_arg is not None and bias is None):
+        return None
+    return weight, bias
+
+
+def _get_parameter(gm: fx.GraphModule, arg: object) -> str | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        try:
+            gm.get_parameter(str(arg.target))
+        except AttributeError:
+            return None
+        return str(arg.target)
+    return None
+
+
+def batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Module path of a batch norm node with running statistics, or None for any other node.
+
+    ``{path}.running_mean`` and ``{path}.running_var`` name its buffers, in
+    the graph module and in the model it was captured from.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+        >>> [batch_norm_module(gm, n) for n in gm.graph.nodes]
+        [None, None, '1', None]
+    """
+    form = _form(gm, node, _BATCH_NORMS)
+    if form is None:
+        return None
+    if not form.args:
+        tracked = gm.get_submodule(str(node.target)).running_mean is not None
+        return str(node.target) if tracked else None
+    paths = set()
+    for name, index in form.args.items():
+        buffer = _arg(node, index, name)
+        if not isinstance(buffer, fx.Node) or buffer.op != "get_attr":
+            return None
+        path, _, attr = str(buffer.target).rpartition(".")
+        if attr != name:
+            return None
+        paths.add(path)
+    return paths.pop() if len(paths) == 1 else None
+
+
+# ---------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------
+
+_TOKENS = "not a channel concatenation (a 3-D [batch, tokens, channels] tensor)"
+_ConcatKind = Literal["channels", "tokens", "other", "unknown"]
 
 
 def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
     """Find fusion sites in a captured graph; the graph is not changed.
 
     Args:
-        gm: a graph from :func:`fxeq.capture.capture` (its nodes carry
+        gm: a graph from :func:`fxeq.capturing.capture` (its nodes carry
             ``meta["tensor_meta"]``).
         all_concats: also treat channel concatenations with no upsampled
             input as sites (FCN-style ``concat_input`` heads). Default: False.
@@ -331,7 +612,7 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
         A :class:`SiteSearch`.
 
     Example:
-        >>> from fxeq.capture import capture
+        >>> from fxeq.capturing import capture
         >>> class Fuse(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -344,18 +625,29 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
         >>> site = found.sites[0]
         >>> [(i.channels, i.upsample, i.scale) for i in site.inputs]
         [((0, 3), None, None), ((3, 6), 'bilinear', (2.0, 2.0))]
-        >>> site.convs[0].weight, site.convs[0].bias
-        ('conv.weight', 'conv.bias')
+        >>> site.convs[0].module, site.convs[0].weight, site.convs[0].bias
+        ('conv', 'conv.weight', 'conv.bias')
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"find_sites expects a torch.fx.GraphModule, got {type(gm).__name__}")
-    uses = _parameter_uses(gm)
+    shared = _shared_parameters(gm)
     sites: list[Site] = []
     skipped: list[Skipped] = []
     for node in gm.graph.nodes:
         if not _is_cat(gm, node):
             continue
-        result = _site_at(gm, node, uses, all_concats)
+        kind = _concat_kind(gm, node)
+        result: Site | Skipped | None = None
+        if kind == "unknown":
+            result = Skipped(node.name, "its shape or channel axis is unknown (no shape metadata)")
+        elif kind == "tokens":
+            result = Skipped(node.name, _TOKENS)
+        elif kind == "other":
+            _logger.debug("fxeq: %s concatenates on another axis than channels", node.name)
+        elif outer := _flattened_into(gm, node):
+            _logger.debug("fxeq: %s is flattened into %s", node.name, ", ".join(n.name for n in outer))
+        else:
+            result = _site_at(gm, node, shared, all_concats)
         if isinstance(result, Site):
             sites.append(result)
         elif result is not None:
@@ -364,17 +656,53 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
     return SiteSearch(tuple(_with_dependencies(gm, sites)), tuple(skipped))
 
 
-def _site_at(
-    gm: fx.GraphModule, cat: fx.Node, uses: Counter[str], all_concats: bool
-) -> Site | Skipped | None:
+def _concat_kind(gm: fx.GraphModule, cat: fx.Node) -> _ConcatKind:
+    """``"channels"``, ``"tokens"`` (dim 1 of 3-D, no conv reads it), ``"other"`` or ``"unknown"``."""
     tensors = _arg(cat, 0, "tensors")
     dim = _arg(cat, 1, "dim", 0)
     shape = _shape(cat)
     if shape is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
-        return Skipped(cat.name, "its shape or channel axis is unknown (no shape metadata)")
-    if len(shape) < 2 or dim % len(shape) != 1:
-        _logger.debug("fxeq: %s concatenates on dim %s, not channels", cat.name, dim)
-        return None
+        return "unknown"
+    if len(shape) < 3 or dim % len(shape) != 1:
+        return "other"
+    if len(shape) == 3 and not any(
+        _category(gm, r) == _CONV or (_is_cat(gm, r) and _concat_kind(gm, r) == "channels")
+        for r in _readers(gm, cat)
+    ):
+        return "tokens"
+    return "channels"
+
+
+def _flattened_into(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The readers of ``node`` if it is a channel concatenation read only by channel concatenations, else []."""
+    if not _is_cat(gm, node) or _concat_kind(gm, node) != "channels":
+        return []
+    readers = _readers(gm, node)
+    if readers and all(_is_cat(gm, r) and _concat_kind(gm, r) == "channels" for r in readers):
+        return readers
+    return []
+
+
+def _flatten(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """A concatenation's inputs with nested concatenations replaced by theirs, and those nested ones."""
+    tensors: list[fx.Node] = []
+    nested: list[fx.Node] = []
+    for tensor in cast(list[fx.Node], _arg(cat, 0, "tensors")):
+        inner: fx.Node | None = tensor
+        while inner is not None and _category(gm, inner) == _IDENTITY:
+            inner = _source(gm, inner)
+        if inner is not None and _flattened_into(gm, inner):
+            more, deeper = _flatten(gm, inner)
+            tensors += more
+            nested += [inner, *deeper]
+        else:
+            tensors.append(tensor)
+    return tensors, nested
+
+
+def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, ...]], all_concats: bool
+             ) -> Site | Skipped:
+    tensors, nested = _flatten(gm, cat)
     inputs: list[SiteInput] = []
     start = 0
     for index, tensor in enumerate(tensors):
@@ -399,35 +727,34 @@ def _site_at(
                        "to include concatenations of same-resolution features")
     fusing: list[FusingConv] = []
     for conv in convs:
-        found = _fusing_conv(gm, conv, start, uses)
+        found = _fusing_conv(gm, conv, start, shared)
         if isinstance(found, str):
             return Skipped(cat.name, f"its conv {describe(gm, conv)} {found}")
         fusing.append(found)
-    notes = [f"the concatenation also feeds {d}, which is left as it is" for d in elsewhere]
+    notes = [f"nested concatenation {n.name} is flattened into this one" for n in dict.fromkeys(nested)]
+    notes += [f"the concatenation also feeds {d}, which is left as it is" for d in elsewhere]
     return Site(cat.name, tuple(inputs), tuple(fusing), notes=tuple(notes))
 
 
 def _site_input(gm: fx.GraphModule, node: fx.Node, index: int, channels: tuple[int, int]) -> SiteInput:
-    """Walk back through elementwise ops to an upsample, and to the producer behind it."""
+    """Walk back through pass-through ops to an upsample, and to the producer of the values."""
     upsample: fx.Node | None = None
-    source = node
-    while isinstance(source, fx.Node):
-        category = _category(gm, source)
-        if category not in (_UPSAMPLE, _ELEMENTWISE, _IDENTITY):
-            break
-        if category == _UPSAMPLE and upsample is None:
+    source: fx.Node | None = node
+    while source is not None and (category := _category(gm, source)) in (_UPSAMPLE, _ELEMENTWISE, _IDENTITY, _GATE):
+        if category == _UPSAMPLE:
             upsample = source
-        parent = source.args[0] if source.args else None
-        if not isinstance(parent, fx.Node):
             break
-        source = parent
+        source = _source(gm, source)
     mode = scale = None
     if upsample is not None:
         mode = _upsample_mode(gm, upsample)
         before, after = _shape(upsample.args[0]), _shape(upsample)
         if before is not None and after is not None:
             scale = tuple(a / b for a, b in zip(after[2:], before[2:], strict=True) if b)
-    return SiteInput(index, node.name, channels, describe(gm, source), mode, scale)
+    producer = node
+    while _category(gm, producer) in (_UPSAMPLE, _IDENTITY, _LAYOUT) and (parent := _source(gm, producer)):
+        producer = parent
+    return SiteInput(index, node.name, channels, describe(gm, producer), mode, scale)
 
 
 def _upsample_mode(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -452,7 +779,7 @@ def _fusing_conv_nodes(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node],
         value = frontier.pop()
         for user in value.users:
             category = _category(gm, user)
-            if category == _IDENTITY:
+            if category in (_IDENTITY, _ELEMENTWISE):  # fxeq measures what the conv receives
                 frontier.append(user)
             elif category == _CONV and _arg(user, 0, "input") is value:
                 convs.append(user)
@@ -463,60 +790,62 @@ def _fusing_conv_nodes(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node],
     return convs, elsewhere
 
 
-def _parameter_uses(gm: fx.GraphModule) -> Counter[str]:
-    """How many graph nodes read each parameter, by qualified name."""
-    uses: Counter[str] = Counter()
+def _shared_parameters(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """Parameters read by more than one op or held under more than one name: name -> other names.
+
+    Parameters are told apart by identity, so a parameter tied under two
+    names counts once per op that reads it, under either name.
+    """
+    names: dict[int, list[str]] = {}
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    uses: Counter[int] = Counter()
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            for name, _ in gm.get_submodule(str(node.target)).named_parameters(prefix=str(node.target)):
-                uses[name] += 1
-        elif node.op == "get_attr":
-            uses[str(node.target)] += len(node.users)
-    return uses
+            uses.update(id(p) for p in gm.get_submodule(str(node.target)).parameters())
+        elif node.op == "get_attr" and _get_parameter(gm, node) is not None:
+            uses[id(gm.get_parameter(str(node.target)))] += len(node.users)
+    return {
+        name: tuple(n for n in group if n != name)
+        for key, group in names.items() if uses[key] > 1 or len(group) > 1
+        for name in group
+    }
 
 
-def _get_parameter(gm: fx.GraphModule, arg: object) -> str | None:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        try:
-            gm.get_parameter(str(arg.target))
-        except AttributeError:
-            return None
-        return str(arg.target)
-    return None
-
-
-def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, uses: Counter[str]) -> FusingConv | str:
+def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, shared: Mapping[str, tuple[str, ...]]
+                 ) -> FusingConv | str:
     """Describe a fusing conv, or say why it cannot be rescaled."""
-    weight: str | None
-    bias: str | None
+    form = cast(_Form, _form(gm, conv, _CONVS))
+    names = _conv_parameters(gm, conv, form)
+    if names is None:
+        return "takes its weight or bias from a computed tensor, not a parameter"
+    weight, bias = names
     padding: object
-    if conv.op == "call_module":
+    if not form.args:
         module = cast(nn.modules.conv._ConvNd, gm.get_submodule(str(conv.target)))
-        weight = f"{conv.target}.weight"
-        bias = f"{conv.target}.bias" if module.bias is not None else None
         groups, padding, padding_mode = module.groups, module.padding, module.padding_mode
     else:
-        table = _CONVOLUTION_ARGS if _aten_name(conv.target) in ("convolution", "_convolution") else _CONV_ARGS
-        weight = _get_parameter(gm, _arg(conv, table["weight"], "weight"))
-        bias_arg = _arg(conv, table["bias"], "bias")
-        bias = _get_parameter(gm, bias_arg)
-        if weight is None or (bias_arg is not None and bias is None):
-            return "takes its weight or bias from a computed tensor, not a parameter"
-        groups = cast(int, _arg(conv, table["groups"], "groups", 1))
-        padding, padding_mode = _arg(conv, table["padding"], "padding", 0), "zeros"
-    shape = gm.get_parameter(weight).shape
+        groups = cast(int, _arg(conv, form.args["groups"], "groups", 1))
+        padding, padding_mode = _arg(conv, form.args["padding"], "padding", 0), "zeros"
+    parameter = gm.get_parameter(weight)
+    shape = parameter.shape
     if shape[1] * groups != channels:
         return f"expects {shape[1] * groups} input channels, but the concatenation has {channels}"
     for name in (weight, bias):
-        if name is not None and uses[name] > 1:
+        if name is not None and name in shared:
+            others = shared[name]
+            if others:
+                return (f"shares parameter {name} with {', '.join(others)} (tied parameters); "
+                        "rescaling it would change those too")
             return f"shares parameter {name} with another op; rescaling it would change that op too"
     padded = padding_mode == "zeros" and (
         padding == "same" or any(int(cast(int, p)) != 0 for p in _as_tuple(padding))
     )
     readers = _readers(gm, conv)
     followed = bool(readers) and all(_is_norm(gm, r) for r in readers)
-    batch_norm = _batch_norm_path(gm, readers[0]) if len(readers) == 1 else None
-    return FusingConv(conv.name, weight, bias, groups, padded, followed, batch_norm)
+    batch_norm = batch_norm_module(gm, readers[0]) if len(readers) == 1 else None
+    return FusingConv(conv.name, weight.rpartition(".")[0], weight, bias, groups, padded, followed, batch_norm,
+                      str(parameter.dtype).removeprefix("torch."))
 
 
 def _as_tuple(padding: object) -> tuple[object, ...]:
@@ -525,35 +854,21 @@ def _as_tuple(padding: object) -> tuple[object, ...]:
     return () if padding in ("valid", None) else (padding,)
 
 
-def _readers(gm: fx.GraphModule, conv: fx.Node) -> list[fx.Node]:
-    """The nodes that read a conv's output, looking through identity-like ops."""
+def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s output, looking through identity ops."""
     readers: list[fx.Node] = []
-    frontier = [conv]
+    frontier = [node]
     while frontier:
         for user in frontier.pop().users:
             (frontier if _category(gm, user) == _IDENTITY else readers).append(user)
     return readers
 
 
-def _batch_norm_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """Module path of a batch norm node's running statistics, or None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        tracked = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
-        return str(node.target) if tracked else None
-    if _aten_name(node.target) in ("batch_norm", "_native_batch_norm_legit_no_training"):
-        running_mean = _arg(node, 3)
-        if isinstance(running_mean, fx.Node) and running_mean.op == "get_attr":
-            path, _, name = str(running_mean.target).rpartition(".")
-            return path if name == "running_mean" else None
-    return None
-
-
 def _with_dependencies(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
-    """Record, per site, which other sites' fusing convs reach its inputs unnormalized."""
-    owner = {conv.node: site.name for site in sites for conv in site.convs}
+    """Record, per site, which other sites' fusing convs reach its inputs (by any path)."""
     if len(sites) < 2:
         return sites
+    owner = {conv.node: site.name for site in sites for conv in site.convs}
     nodes = {n.name: n for n in gm.graph.nodes}
     result = []
     for site in sites:
@@ -562,7 +877,7 @@ def _with_dependencies(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
         frontier = [nodes[i.node] for i in site.inputs]
         while frontier:
             node = frontier.pop()
-            if node in seen or _is_norm(gm, node):
+            if node in seen:
                 continue
             seen.add(node)
             if node.name in owner and owner[node.name] != site.name:

@@ -1,17 +1,22 @@
-"""The command line, run as ``python -m fxeq`` subprocesses: convert, inspect, demo and every error path.
+"""The command line: convert, inspect, demo and every error path.
 
-Each run costs an interpreter start and the torch import (a few seconds on 2
-CPU cores), so the successful conversion is run once per module and several
-tests read its outputs.
+Most runs are ``python -m fxeq`` subprocesses. Each costs an interpreter start
+and the torch import (a few seconds on 2 CPU cores), so the successful
+conversion is run once per module and several tests read its outputs. Tests
+that must reach inside a run (a file that appears meanwhile, a failing write)
+call :func:`fxeq.cli.main` in this process, through the ``fxeq`` fixture.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,8 @@ import torch
 from cli_models import NoFuse, TinyFuse
 from PIL import Image
 
+from fxeq import __version__, checkpoint
+from fxeq.cli import main
 from fxeq.data import generate_images
 
 TESTS = Path(__file__).parent
@@ -37,14 +44,18 @@ def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+Run = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
 def assert_fails(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
-    """Exit code ``code``, a ``fxeq: error:`` message holding every word, and no traceback."""
+    """Exit code ``code``, a ``fxeq: error:`` message holding every word, and no traceback or double period."""
     assert result.returncode == code, result.stderr
     assert "fxeq: error: " in result.stderr
     message = result.stderr.split("fxeq: error: ", 1)[1]
     for word in words:
         assert word in message, result.stderr
     assert "Traceback" not in result.stderr
+    assert not re.search(r"(?<!\.)\.\.(?!\.)", message), message  # ".." but not "..."
 
 
 def digest(path: Path) -> str:
@@ -78,9 +89,24 @@ def assert_equalized(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 # Fixtures
 # ---------------------------------------------------------------------------
 
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """``fxeq ARGS`` in this process, in ``tmp_path``, with ``sys.path`` restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # main() adds the folder
+
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["fxeq", *map(str, args)], code, out, err)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four images of several sizes and formats, one in a subfolder, and a text file (ignored)."""
+    """Four images of several sizes and formats, one in a subfolder, and a text file (skipped, with a warning)."""
     folder = tmp_path_factory.mktemp("images")
     generate_images(folder, 2, size=40)
     (folder / "sub").mkdir()
@@ -128,7 +154,8 @@ def test_convert_succeeds_and_prints_the_table(converted: dict[str, Any]) -> Non
     assert "bilinear x4" in result.stdout
     assert f"wrote {converted['output']}" in result.stdout
     assert "fxeq calibration" in result.stderr  # the progress bar
-    assert "calibrating on 4 images" in result.stderr
+    assert "calibrating on 4 images" in result.stderr and "2 batches of up to 2" in result.stderr
+    assert "fxeq: warning: skipped 1 file in " in result.stderr and "jpg/jpeg/png/webp: 1 .txt" in result.stderr
 
 
 def test_convert_rescales_only_the_fusing_conv(converted: dict[str, Any], tiny: dict[str, torch.Tensor]) -> None:
@@ -199,6 +226,74 @@ def test_convert_replaces_an_existing_output_with_force(ckpt: Path, images: Path
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_trust_pickle_reads_a_class_from_the_current_folder(
+    cli: Run, tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with python -m, ./mymodels.py is importable: for --model and for the classes a pickle names."""
+    (tmp_path / "mymodels.py").write_text(
+        "from cli_models import TinyFuse\n\n\nclass Net(TinyFuse):\n    \"\"\"TinyFuse, defined here.\"\"\"\n"
+    )
+    spec = importlib.util.spec_from_file_location("mymodels", tmp_path / "mymodels.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mymodels", module)
+    spec.loader.exec_module(module)
+    torch.save(module.Net(classes=3), tmp_path / "whole.pt")
+    monkeypatch.delitem(sys.modules, "mymodels")  # fxeq must import it from the current folder
+    result = cli("convert", "whole.pt", "--model", "mymodels:Net", "--model-kwargs", '{"classes": 3}', "--calib",
+                 images, *DATA, "-o", "out.pt", "--trust-pickle")
+    assert result.returncode == 0, result.stderr
+    TinyFuse(classes=3).load_state_dict(load(tmp_path / "out.pt"), strict=True)
+
+
+def test_a_file_that_appears_during_the_run_is_left_alone(
+    cli: Run, ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run takes OUT after fxeq checked it: fxeq places its files only on free names."""
+    output = tmp_path / "out.pt"
+    check_output = checkpoint.check_output
+
+    def then_another_run_writes(*args: Any, **kwargs: Any) -> Path:
+        checked = check_output(*args, **kwargs)
+        output.write_bytes(b"another run's")
+        return checked
+
+    monkeypatch.setattr(checkpoint, "check_output", then_another_run_writes)
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
+    assert_fails(result, 2, "out.pt appeared while fxeq was writing", "left as it is", "choose another output")
+    assert output.read_bytes() == b"another run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "tiny.pt"]
+
+
+def test_a_failing_checkpoint_write_takes_its_report_back(
+    cli: Run, ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report is placed first, the checkpoint second; if that fails, neither stays."""
+    output = tmp_path / "out.pt"
+    place = checkpoint._place
+
+    def disk_full_for_the_checkpoint(tmp: Path, path: Path, *, replace: bool) -> None:
+        if path == output:
+            raise OSError(28, "No space left on device")
+        place(tmp, path, replace=replace)
+
+    monkeypatch.setattr(checkpoint, "_place", disk_full_for_the_checkpoint)
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
+    assert_fails(result, 1, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+
+
+def test_force_checks_for_a_folder_in_the_way_before_writing(
+    cli: Run, ckpt: Path, images: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out.pt"
+    output.write_bytes(b"old")
+    (tmp_path / "out.pt.fxeq.json").mkdir()
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output, "--force")
+    assert_fails(result, 2, "out.pt.fxeq.json is a folder", "even with --force", "choose another output")
+    assert output.read_bytes() == b"old"
+
+
 def test_convert_smp_upernet(tmp_path: Path, images: Path) -> None:
     """A real smp model (captured with torch.export), .pt in, .safetensors out."""
     smp = pytest.importorskip("segmentation_models_pytorch")
@@ -229,6 +324,20 @@ def test_missing_checkpoint(tmp_path: Path, images: Path) -> None:
     assert_fails(result, 2, "nope.pt", "does not exist")
 
 
+def test_a_folder_as_checkpoint(cli: Run, tmp_path: Path, images: Path) -> None:
+    (tmp_path / "model").mkdir()
+    result = cli("convert", "model", *MODEL, "--calib", images, *DATA, "-o", "o.pt")
+    assert_fails(result, 2, "checkpoint model is a folder", "expected a checkpoint file", ".safetensors")
+
+
+def test_random_bytes_as_checkpoint(cli: Run, tmp_path: Path, images: Path) -> None:
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 16)
+    result = cli("convert", "noise.pt", *MODEL, "--calib", images, *DATA, "-o", "o.pt")
+    assert_fails(result, 2, "noise.pt is not a readable PyTorch or safetensors checkpoint (UnpicklingError: ",
+                 "written by torch.save", "--trust-pickle", "trust where it comes from")
+    assert "weights_only" not in result.stderr
+
+
 def test_verbose_shows_the_traceback(tmp_path: Path, images: Path) -> None:
     result = run_cli("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
                      "--verbose", cwd=tmp_path)
@@ -255,12 +364,14 @@ def test_wrong_shapes(ckpt: Path, tmp_path: Path, images: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "batch", "words"),
     [
-        ([], "2", ["found 0 image(s)", "at least 2"]),
-        (["generated"], "2", ["found 1 image(s)", "at least 2"]),
+        ([], "2", ["found 0 images", "at least 2"]),
+        (["generated"], "2", ["found 1 image in", "at least 2"]),
         (["generated", "generated"], "1", ["batch size must be at least 2", "batch normalization"]),
-        (["generated", "generated", "broken.png"], "2", ["broken.png is not a readable image"]),
+        (["generated", "generated", "broken.png"], "2", ["broken.png is not a readable image", "save it again"]),
+        (["generated", "generated", "a-truncated.png"], "2", ["a-truncated.png is not a readable image", "corrupt"]),
+        (["notes.txt"], "2", ["holds no jpg/jpeg/png/webp image, only other files: 1 .txt", "Convert"]),
     ],
-    ids=["no-images", "one-image", "batch-size-1", "broken-image"],
+    ids=["no-images", "one-image", "batch-size-1", "broken-image", "truncated-image", "no-image-files"],
 )
 def test_unusable_calibration_data(files: list[str], batch: str, words: list[str], ckpt: Path, tmp_path: Path) -> None:
     calib = tmp_path / "calib"
@@ -269,6 +380,10 @@ def test_unusable_calibration_data(files: list[str], batch: str, words: list[str
         generate_images(calib, files.count("generated"), size=16)
     if "broken.png" in files:
         (calib / "broken.png").write_text("not a png")
+    if "a-truncated.png" in files:  # a valid header: found when decoded, in the first batch
+        (calib / "a-truncated.png").write_bytes((calib / "generated-texture-000.png").read_bytes()[:300])
+    if "notes.txt" in files:
+        (calib / "notes.txt").write_text("")
     result = run_cli("convert", ckpt, *MODEL, "--calib", calib, "--size", "32", "--batch-size", batch,
                      "-o", tmp_path / "o.pt", cwd=tmp_path)
     assert_fails(result, 2, *words)
@@ -307,6 +422,27 @@ def test_output_is_input(ckpt: Path, tmp_path: Path, images: Path) -> None:
     assert digest(ckpt) == before
 
 
+def test_the_outputs_report_is_never_written_over_the_input(
+    ckpt: Path, cli: Run, tmp_path: Path, images: Path
+) -> None:
+    """``fxeq convert model.pt.fxeq.json -o model.pt --force`` would put model.pt's report on its input."""
+    source = tmp_path / "model.pt.fxeq.json"
+    ckpt.rename(source)
+    before = digest(source)
+    result = cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "model.pt", "--force")
+    assert_fails(result, 2, "the output's report", "model.pt.fxeq.json is the input checkpoint", "even with --force")
+    assert digest(source) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt.fxeq.json"]
+
+
+def test_a_link_to_a_converted_checkpoint_is_not_converted_again(
+    converted: dict[str, Any], cli: Run, images: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "model.pt").symlink_to(converted["output"])
+    result = cli("convert", "model.pt", *MODEL, "--calib", images, *DATA, "-o", "o.pt")
+    assert_fails(result, 2, "model.pt was written by fxeq convert", "tiny.fxeq.pt.fxeq.json lies beside it", "twice")
+
+
 def test_converted_checkpoint_is_not_converted_again(converted: dict[str, Any], images: Path, tmp_path: Path) -> None:
     result = run_cli("convert", converted["output"], *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
                      cwd=tmp_path)
@@ -335,6 +471,23 @@ def test_inspect_prints_sites_and_writes_nothing(ckpt: Path, tmp_path: Path, ima
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_inspect_says_a_converted_checkpoint_is_one(converted: dict[str, Any], cli: Run, images: Path) -> None:
+    result = cli("inspect", converted["output"], *MODEL, "--calib", images, *DATA)
+    assert result.returncode == 0, result.stderr
+    assert f"fxeq: {converted['output']} is a checkpoint converted by fxeq convert" in result.stderr
+    assert "the fusion inputs measured below are not, so their std ratios are the same as before" in result.stderr
+    assert f"  converted from {converted['source'].resolve()}\n" in result.stderr
+    assert re.search(r"\n  site cat -> fuse; std max/min \d+\.\d\d divided out", result.stderr)
+    assert "site cat -> fuse; std max/min" in result.stdout  # and the measurement, as for any checkpoint
+
+
+def test_inspect_counts_in_the_singular(cli: Run, tmp_path: Path) -> None:
+    generate_images(tmp_path / "two", 2, size=32)
+    result = cli("inspect", *MODEL, "--calib", tmp_path / "two", *DATA)
+    assert result.returncode == 0, result.stderr
+    assert "calibrating on 2 images from " in result.stderr and "(32x32, 1 batch of up to 2, cpu)" in result.stderr
+
+
 def test_inspect_json(tmp_path: Path, images: Path) -> None:
     result = run_cli("inspect", *MODEL, "--calib", images, *DATA, "--all-concats", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -344,9 +497,24 @@ def test_inspect_json(tmp_path: Path, images: Path) -> None:
     assert site["disequilibrium"] == pytest.approx(max(i["std"] for i in site["inputs"])
                                                    / min(i["std"] for i in site["inputs"]))
     producers = [(i["producer"], i["upsample"]) for i in site["inputs"]]
-    assert producers == [("a.1 (BatchNorm2d)", None), ("b.1 (BatchNorm2d)", "bilinear")]
+    assert producers == [("a.2 (ReLU)", None), ("b.2 (ReLU)", "bilinear")]
     assert report["skipped"] == []
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# fxeq itself
+# ---------------------------------------------------------------------------
+
+def test_version(cli: Run) -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout == f"fxeq {__version__}\n"
+
+
+def test_no_command_prints_the_usage(cli: Run) -> None:
+    result = cli()
+    assert_fails(result, 2, "no command given", "expected one of convert, inspect, demo", "fxeq COMMAND --help")
+    assert result.stderr.startswith("usage: fxeq ")
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def test_reparam_gradients_equal_the_explicit_equalizer(frontend: str) -> None:
     _step(explicit, x)
     torch.testing.assert_close(reparam.fuse.parametrizations.weight.original.grad, explicit.fuse.weight.grad,
                                rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(reparam.fuse.bias.grad, explicit.fuse.bias.grad, rtol=1e-4, atol=1e-5)
+    # A batch norm in training mode cancels the bias: both bias gradients are rounding noise around 0.
+    scale = float(explicit.fuse.weight.grad.abs().max())
+    torch.testing.assert_close(reparam.fuse.bias.grad, explicit.fuse.bias.grad, rtol=0, atol=1e-3 * scale)
 
     # Negative twin: the folded init weight's gradient still scales with sigma.
     init = copy.deepcopy(base)

@@ -405,13 +405,25 @@ def _checked_model(model: nn.Module) -> nn.Module:
 
 
 def _observable(search: SiteSearch, model: nn.Module) -> SiteSearch:
-    """Move the sites whose conv input cannot be observed in ``model`` to the skipped list."""
+    """Move the sites fxeq cannot equalize in ``model`` itself to the skipped list.
+
+    The graph may not show everything: a conv whose input a pre-hook cannot
+    observe, or a weight tied to a module the graph never calls.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
     keep: list[Site] = []
     skipped = list(search.skipped)
     for site in search.sites:
         point = observation_point(model, site)
+        tied = [n for c in site.convs for name in (c.weight, c.bias) if name
+                for n in names.get(id(_parameter(model, name)), []) if n != name]
         if isinstance(point, str):
             skipped.append(Skipped(site.name, point))
+        elif tied:
+            skipped.append(Skipped(site.name, f"its conv {site.convs[0].module} shares parameters with "
+                                   f"{', '.join(tied)} (tied parameters); rescaling them would change those too"))
         else:
             keep.append(site)
     if len(keep) == len(search.sites):
@@ -419,6 +431,13 @@ def _observable(search: SiteSearch, model: nn.Module) -> SiteSearch:
     names = {s.name for s in keep}
     kept = [replace(s, depends_on=tuple(d for d in s.depends_on if d in names)) for s in keep]
     return SiteSearch(tuple(kept), tuple(skipped))
+
+
+def _parameter(model: nn.Module, name: str) -> object:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _at_least_two(t: torch.Tensor) -> torch.Tensor:

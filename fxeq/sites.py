@@ -543,6 +543,8 @@ def conv_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str | None]
 def _conv_parameters(gm: fx.GraphModule, node: fx.Node, form: _Form) -> tuple[str, str | None] | None:
     if not form.args:
         module = gm.get_submodule(str(node.target))
+        if not isinstance(module._parameters.get("weight"), nn.Parameter):  # weight_norm, parametrize...
+            return None  # (reading module.weight would run a parametrization, e.g. spectral norm's power step)
         return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
     weight = _get_parameter(gm, _arg(node, form.args["weight"], "weight"))
     bias_arg = _arg(node, form.args["bias"], "bias")
@@ -818,7 +820,9 @@ def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, shared: Mappi
     form = cast(_Form, _form(gm, conv, _CONVS))
     names = _conv_parameters(gm, conv, form)
     if names is None:
-        return "takes its weight or bias from a computed tensor, not a parameter"
+        return ("takes its weight or bias from a computed tensor, not a parameter (weight_norm, spectral_norm or "
+                "another parametrization?): fxeq can only rescale a stored weight. Remove it first, e.g. "
+                "torch.nn.utils.parametrize.remove_parametrizations(conv, 'weight'), or equalize before adding it")
     weight, bias = names
     padding: object
     if not form.args:

@@ -393,3 +393,47 @@ def test_site_observers_refuse_a_site_without_a_conv_module() -> None:
     holder.w = nn.Parameter(torch.ones(1, 2, 1, 1))
     with pytest.raises(fxeq.CalibrationError, match="site 'cat': its conv weight w belongs to a Module, not to a conv"):
         SiteObservers(holder, [site])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("norm", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm])
+def test_a_parametrized_fusing_conv_is_skipped_with_the_fix(frontend: str, norm) -> None:
+    model = TwoBranch()
+    norm(model.fuse)
+    state = _state(model)
+    with pytest.warns(fxeq.NoSiteWarning, match=r"(?s)computed tensor.*weight_norm.*remove_parametrizations"):
+        fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
+    assert _same_state(model, state)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_weight_tied_to_a_module_the_graph_never_calls_is_skipped(frontend: str) -> None:
+    model = TwoBranch()
+    model.other = nn.Conv2d(8, 4, 1)  # never called in forward, but holds the fusing conv's weight
+    model.other.weight = model.fuse.weight
+    state = _state(model)
+    with pytest.warns(fxeq.NoSiteWarning, match=r"(?s)shares parameter.*other.weight.*tied parameters"):
+        fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
+    assert _same_state(model, state)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tied_weights_both_called_are_skipped(frontend: str) -> None:
+    class Tied(TwoBranch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = nn.Conv2d(8, 4, 1)
+            self.other.weight = self.fuse.weight
+
+        def forward(self, x):
+            y = super().forward(x)
+            return y + self.other(torch.cat([x, x[:, :2] * 0 + 1, x * 2], 1)[:, :8])
+
+    model = Tied()
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        before = model.other(torch.cat([x, x[:, :2], x], 1)[:, :8])
+    with pytest.warns(fxeq.NoSiteWarning, match="tied parameters"):
+        fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.other(torch.cat([x, x[:, :2], x], 1)[:, :8]), before)

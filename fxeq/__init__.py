@@ -26,6 +26,7 @@ from .capturing import FxEqGraphModule, capture
 from .errors import AlreadyEqualizedError, CalibrationError, CaptureError, FxEqError, NoSiteWarning
 from .modes import finalize, load_plain_state_dict, plain_state_dict
 from .pipeline import Prepared, calibrate, convert, find, prepare, transform
+from .replay import apply
 from .report import Report
 from .sites import find_sites
 
@@ -39,6 +40,7 @@ __all__ = [
     "NoSiteWarning",
     "Prepared",
     "Report",
+    "apply",
     "calibrate",
     "capture",
     "convert",

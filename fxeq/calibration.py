@@ -398,12 +398,19 @@ def calibrate_sites(
         for number, generation in enumerate(generations, 1):
             forward = functools.partial(_forward_with, model, dict(folded)) if folded else model
             with SiteObservers(model, generation) as observers:
-                batches += _run_pass(
+                seen = _run_pass(
                     forward, observers, data.epoch(number, len(generations)), model=model, input_fn=input_fn,
                     num_batches=num_batches, device=device, dtype=dtype, progress=progress,
                     number=number, total=len(generations),
                 )
-            merge_across_ranks(list(observers.observers.values()))
+            merge_across_ranks(list(observers.observers.values()))  # every rank joins, even one without data
+            if seen == 0 and not any(o.count for o in observers.observers.values()):
+                raise CalibrationError(EMPTY_LOADER if number == 1 else (
+                    f"the calibration loader yielded no batches on pass {number} of {len(generations)}, after "
+                    "batches on pass 1: it was exhausted by the first pass. Chained sites need one pass per "
+                    "generation; pass a list of batches or a re-iterable DataLoader, or one_pass=True."
+                ))
+            batches += seen
             for site in generation:
                 site_stats = {i.index: InputStats.of(observers.observers[site.name, i.index]) for i in site.inputs}
                 if any(s.count == 0 for s in site_stats.values()):
@@ -439,7 +446,8 @@ def _run_pass(
     number: int,
     total: int,
 ) -> int:
-    """Run the batches of pass ``number`` of ``total``; return how many ran."""
+    """Run the batches of pass ``number`` of ``total``; return how many ran (0 is for the caller to judge:
+    under torch.distributed another rank may have had the data)."""
     length: int | None = None
     with contextlib.suppress(TypeError):
         length = len(loader)  # type: ignore[arg-type]
@@ -458,12 +466,6 @@ def _run_pass(
                 raise CalibrationError(_batch_failure(seen, args, kwargs, e)) from e
             seen += 1
             bar.update(1)
-    if seen == 0:
-        raise CalibrationError(EMPTY_LOADER if number == 1 else (
-            f"the calibration loader yielded no batches on pass {number} of {total}, after batches on pass 1: "
-            "it was exhausted by the first pass. Chained sites need one pass per generation; pass a list of "
-            "batches or a re-iterable DataLoader, or one_pass=True."
-        ))
     return seen
 
 

@@ -29,8 +29,8 @@ def versions() -> dict[str, str]:
     import torchvision
 
     return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "fxeq": __version__,
+        "python": platform.python_version(), "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__), "fxeq": __version__,
     }
 
 

@@ -1,0 +1,250 @@
+"""Scale equalization inside a Lightning ``Trainer.fit`` run (``pip install 'fxeq[lightning]'``).
+
+:class:`ScaleEqualization` equalizes the LightningModule (or one of its
+submodules) at ``on_train_start``: after the strategy has built the optimizers
+and wrapped the model (DDP), after a resumed checkpoint has been restored,
+and before the first optimizer step. It calibrates on the first
+``num_batches`` batches of the trainer's own train dataloader
+(``trainer.train_dataloader``: the datamodule's, the module's or the one
+passed to ``fit``, with Lightning's ``DistributedSampler`` under DDP), so each
+rank calibrates on its own shard and the merged statistics give every rank
+the same weights.
+
+Why not ``on_fit_start``: Lightning builds the train dataloader only after
+that hook, and restores a resumed run's global step after it too, so there
+the loader would be neither sharded nor the one training uses.
+
+Example:
+    >>> import tempfile
+    >>> import torch, torch.nn.functional as F
+    >>> import lightning.pytorch as pl
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> class Seg(pl.LightningModule):  # two branches, one upsampled, fused by a conv
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.fuse = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+    ...     def forward(self, x):
+    ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
+    ...         return self.fuse(torch.cat([self.a(x), b], 1))
+    ...     def training_step(self, batch, batch_idx):
+    ...         return F.cross_entropy(self(batch[0]), batch[1])
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+    >>> data = TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8, 8, 8)))
+    >>> equalize = ScaleEqualization(num_batches=2)
+    >>> trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False,
+    ...                      default_root_dir=tempfile.mkdtemp(), callbacks=[equalize])
+    >>> trainer.fit(Seg(), DataLoader(data, batch_size=4))
+    >>> [c.weight for s in equalize.report.search.sites for c in s.convs]
+    ['fuse.weight']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+except ImportError as e:
+    raise ImportError(
+        "fxeq.integrations.lightning needs Lightning (lightning.pytorch); install it with: "
+        "pip install 'fxeq[lightning]'"
+    ) from e
+
+from ..calibration import InputFn
+from ..capturing import Frontend
+from ..errors import CaptureError
+from ..modes import Mode
+from ..report import Report
+from . import REPORT_NAME, _check_options, _equalize, _plain, _write_json
+
+__all__ = ["ScaleEqualization"]
+
+_logger = logging.getLogger(__name__)
+
+_SHARDED = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+
+
+class ScaleEqualization(pl.Callback):
+    """Equalize the model's fusion sites before the first optimizer step of ``Trainer.fit``.
+
+    At ``on_train_start`` the callback runs ``fxeq.transform(module, batches,
+    inplace=True)`` on the first ``num_batches`` batches of
+    ``trainer.train_dataloader``. The rewrite is in place, so the optimizers
+    the strategy already built hold the equalized parameters. The report is
+    logged (logger ``fxeq.integrations``, level INFO), kept at :attr:`report`,
+    stored in every checkpoint (the callback's state) and written atomically
+    by global rank 0 to ``model.fxeq.json`` in the checkpoint folder (the
+    ``ModelCheckpoint``'s ``dirpath``, else ``trainer.default_root_dir``).
+
+    Nothing is done when training resumes from a checkpoint (global step
+    above 0, or a checkpoint holding this callback's report) or when fxeq
+    already equalized the model (``fit`` called twice); a log line says so.
+
+    Args:
+        num_batches: calibrate on at most this many batches per pass; None for
+            a whole epoch. Default: 32.
+        calib_loader: calibrate on these batches instead of the trainer's
+            train dataloader. Default: None.
+        input_fn: maps a batch to the model's input; by default a tuple batch
+            gives its first element and a dict batch the keyword arguments
+            ``forward`` takes, minus ``labels``/``target``.
+        submodule: equalize ``pl_module.get_submodule(submodule)`` (e.g.
+            ``"net"``) instead of the LightningModule itself, when its
+            ``forward`` is not the network's. Default: None.
+        mode: ``"init"`` (the paper), ``"reparam"`` or ``"explicit"``; see
+            :mod:`fxeq.modes`. Default: ``"init"``.
+        keep_norm: with ``"init"``, keep per-output-channel weight norms where
+            a batch norm follows. Default: False.
+        frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
+        all_concats: also equalize concatenations without upsampled inputs.
+            Default: False.
+        report_path: where to write the JSON report. Default: None
+            (``model.fxeq.json`` in the checkpoint folder).
+
+    Attributes:
+        report: the :class:`~fxeq.report.Report` of this run, or None when
+            nothing was done.
+
+    Raises:
+        ValueError: (when built) bad ``num_batches``, ``mode`` or ``keep_norm``;
+            (at ``on_train_start``) DeepSpeed, FSDP or model-parallel training,
+            an unknown ``submodule``, or several train dataloaders.
+    """
+
+    def __init__(
+        self,
+        num_batches: int | None = 32,
+        *,
+        calib_loader: Iterable[Any] | None = None,
+        input_fn: InputFn | None = None,
+        submodule: str | None = None,
+        mode: Mode = "init",
+        keep_norm: bool = False,
+        frontend: Frontend = "auto",
+        all_concats: bool = False,
+        report_path: str | Path | None = None,
+    ) -> None:
+        _check_options(num_batches, mode, keep_norm)
+        self.num_batches = num_batches
+        self.calib_loader = calib_loader
+        self.input_fn = input_fn
+        self.submodule = submodule
+        self.mode: Mode = mode
+        self.keep_norm = keep_norm
+        self.frontend: Frontend = frontend
+        self.all_concats = all_concats
+        self.report_path = report_path
+        self.report: Report | None = None
+        self._saved: dict[str, Any] | None = None  # the report as written, kept in checkpoints
+        self._restored = False  # whether _saved came from the checkpoint being resumed
+
+    # ------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Equalize the module on the first batches of the train dataloader (see the class docstring)."""
+        _refuse_sharded_training(trainer.strategy)
+        model = self._model(pl_module)
+        loader = self.calib_loader if self.calib_loader is not None else _train_loader(trainer)
+        resumed_at = trainer.global_step
+        restored, self._restored = self._restored, False
+        if restored and resumed_at == 0:
+            _logger.info("fxeq: the checkpoint being resumed records fxeq's report; not equalizing again.")
+            return
+        try:
+            report = _equalize(
+                model, loader, resumed_at=resumed_at, num_batches=self.num_batches, input_fn=self.input_fn,
+                mode=self.mode, keep_norm=self.keep_norm, frontend=self.frontend, all_concats=self.all_concats,
+                progress=None if trainer.is_global_zero else False,
+            )
+        except CaptureError as e:
+            if self.submodule is not None:
+                raise
+            raise CaptureError(
+                f"{e}\nScaleEqualization captures {type(pl_module).__name__}.forward on a training batch. If the "
+                "segmentation network is a submodule whose forward differs, pass its name: "
+                "ScaleEqualization(submodule='net'); to map batches to its input, pass input_fn."
+            ) from e
+        if report is None:
+            return
+        self.report = report
+        report.extra["trainer"] = {
+            "framework": "lightning", "global_step": trainer.global_step, "num_batches": self.num_batches,
+            "world_size": trainer.world_size, "submodule": self.submodule,
+        }
+        self._saved = _plain(report)
+        if trainer.is_global_zero:
+            path = self._report_file(trainer)
+            if path is None:
+                _logger.warning("fxeq: the checkpoint folder is not a local path; the report is kept in the "
+                                "checkpoints only (callback state %r)", self.state_key)
+            else:
+                _write_json(self._saved, path)
+                _logger.info("fxeq: wrote %s", path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The report, saved in every checkpoint (so that a resumed run is not equalized again)."""
+        return {} if self._saved is None else {"report": self._saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the report of the run being resumed."""
+        self._saved = state_dict.get("report")
+        self._restored = self._saved is not None
+
+    # ------------------------------------------------------------------
+    # Helpers
+    # ------------------------------------------------------------------
+
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.submodule is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.submodule)
+        except AttributeError as e:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"ScaleEqualization(submodule={self.submodule!r}): {type(pl_module).__name__} has no such "
+                f"submodule; expected a module path such as one of {children}."
+            ) from e
+
+    def _report_file(self, trainer: pl.Trainer) -> Path | None:
+        if self.report_path is not None:
+            return Path(self.report_path)
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        return None if "://" in str(folder) else Path(folder) / REPORT_NAME
+
+
+def _train_loader(trainer: pl.Trainer) -> Iterable[Any]:
+    loader: Iterable[Any] | None = trainer.train_dataloader
+    if loader is None:
+        raise ValueError(
+            "ScaleEqualization found no train dataloader on the trainer at on_train_start; expected Trainer.fit "
+            "to have built it. Pass the batches yourself: ScaleEqualization(calib_loader=...)."
+        )
+    if isinstance(loader, (Mapping, list, tuple)):
+        raise ValueError(
+            f"ScaleEqualization found {len(loader)} train dataloaders; it calibrates on one. Pass the one "
+            "that feeds the segmentation network: ScaleEqualization(calib_loader=...)."
+        )
+    return loader
+
+
+def _refuse_sharded_training(strategy: object) -> None:
+    """DeepSpeed, FSDP and model parallelism keep copies or shards of the weights: an in-place rewrite is lost."""
+    if isinstance(strategy, _SHARDED):
+        raise ValueError(
+            f"ScaleEqualization does not support {type(strategy).__name__}: the optimizer holds its own copy or "
+            "shards of the weights, so rewriting the module's parameters at on_train_start would be lost or "
+            "fail. Equalize before Trainer.fit instead: fxeq.transform(model, loader, inplace=True) with the "
+            "same batches on every rank (or `fxeq convert` a checkpoint)."
+        )

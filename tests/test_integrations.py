@@ -1,0 +1,560 @@
+"""Equalizing where training happens: the Hugging Face and Lightning callbacks, DDP, and optional imports.
+
+Each callback runs inside a real one-step Trainer run on CPU. The weights the
+optimizer steps from must be exactly what ``fxeq.transform`` writes on a copy
+of the model with the same batches, and the optimizer's parameters must be the
+same objects before and after the callback.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import itertools
+import json
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import BNHead, Chained, TwoBranch, batches
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxeq
+from fxeq.replay import apply
+
+pytestmark = [
+    # Lightning 2.6's own pytree helper on torch 2.14, and its note on resuming mid-epoch: not fxeq's
+    pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+]
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread is much faster (and restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert state.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(state[k], expected[k])]
+    assert not different, f"not bitwise equal: {different}"
+
+
+# ---------------------------------------------------------------------------
+# Packaging: optional dependencies stay optional
+# ---------------------------------------------------------------------------
+
+
+def test_import_fxeq_imports_no_training_framework() -> None:
+    code = ("import sys, fxeq, fxeq.replay, fxeq.integrations; "
+            "assert 'transformers' not in sys.modules and 'lightning' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'lightning'))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("module, hidden, extra", [
+    ("fxeq.integrations.transformers", ["transformers"], "hf"),
+    ("fxeq.integrations.lightning", ["lightning", "lightning.pytorch"], "lightning"),
+])
+def test_integration_without_its_framework_names_the_extra(
+    module: str, hidden: list[str], extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in hidden:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=rf"{module} needs .*: pip install 'fxeq\[{extra}\]'"):
+        importlib.import_module(module)
+
+
+# ---------------------------------------------------------------------------
+# DDP: every rank calibrates its shard; merged statistics, identical weights
+# ---------------------------------------------------------------------------
+
+
+def _ddp_models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {"two-branch": TwoBranch(), "bn-head": BNHead(), "chained": Chained()}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        shard = batches(n=4, seed=7)[rank::world]
+        models = _ddp_models()
+        written = {}
+        for name in ("two-branch", "bn-head"):  # the README's recipe: equalize, then wrap
+            fxeq.transform(models[name], shard, inplace=True, progress=False)
+            written[name] = _state(models[name])  # before DDP broadcasts rank 0's weights
+            DDP(models[name])
+        wrapped = DDP(models["chained"])  # as inside a Trainer: already wrapped; two passes, each merged
+        fxeq.transform(wrapped, shard, inplace=True, progress=False)
+        written["chained"] = _state(models["chained"])
+        torch.save(written, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_write_identical_weights_equal_to_the_union(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "weights")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    union = _ddp_models()
+    originals = {name: _state(model) for name, model in union.items()}
+    for model in union.values():
+        fxeq.transform(model, batches(n=4, seed=7), inplace=True, progress=False)
+    for name, model in union.items():
+        _assert_same(ranks[1][name], ranks[0][name])
+        expected = _state(model)
+        assert any(not torch.equal(expected[k], originals[name][k]) for k in expected)
+        for key in expected:
+            torch.testing.assert_close(ranks[0][name][key], expected[key], msg=f"{name}: {key}")
+
+
+# ---------------------------------------------------------------------------
+# Shared recording callbacks
+# ---------------------------------------------------------------------------
+
+
+def _optimizer_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face Trainer
+# ---------------------------------------------------------------------------
+
+
+def _hf_callback() -> Any:
+    """ScaleEqualizationCallback, or a skip where transformers or accelerate (its Trainer's) is missing."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return importlib.import_module("fxeq.integrations.transformers").ScaleEqualizationCallback
+
+
+def _segformer(seed: int) -> nn.Module:
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = T.SegformerConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], num_attention_heads=[1, 1, 2, 2],
+                               decoder_hidden_size=32, num_labels=3)
+    return T.SegformerForSemanticSegmentation(config)
+
+
+def _hf_data() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [{"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": torch.randint(0, 3, (32, 32), generator=g)}
+            for _ in range(8)]
+
+
+def _hf_trainer(model: nn.Module, output_dir: Path, callbacks: list[Any], **kwargs: Any) -> Any:
+    T = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    options = {"max_steps": 1, "save_strategy": "no", **kwargs}
+    args = T.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+        disable_tqdm=True, logging_strategy="no", learning_rate=0.1, **options,
+    )
+    return T.Trainer(model=model, args=args, train_dataset=_hf_data(), callbacks=callbacks)
+
+
+def _hf_recorder() -> Any:
+    T = pytest.importorskip("transformers")
+
+    class Recorder(T.TrainerCallback):
+        """Records, at on_train_begin, the random state, the weights and the optimizer's parameter ids."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, optimizer: Any,
+                           train_dataloader: Any, **kwargs: Any) -> None:
+            self.rng = torch.random.get_rng_state()
+            self.state, self.ids = _state(model), _optimizer_ids(optimizer)
+            self.loader = train_dataloader
+
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One Trainer step with the callback between two recorders, saving checkpoint-1."""
+    ScaleEqualizationCallback = _hf_callback()
+    out = tmp_path_factory.mktemp("hf")
+    model = _segformer(seed=0)
+    original = copy.deepcopy(model)
+    before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
+    trainer = _hf_trainer(model, out, [before, callback, after], save_strategy="steps", save_steps=1)
+    trainer.train()
+    torch.random.set_rng_state(before.rng)  # the (shuffled) batches the callback drew
+    reference = copy.deepcopy(original)
+    fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
+    return SimpleNamespace(out=out, model=model, original=original, reference=reference, before=before,
+                           callback=callback, after=after, trainer=trainer)
+
+
+def test_hf_callback_equalizes_before_the_first_step(hf_run: SimpleNamespace) -> None:
+    _assert_same(hf_run.after.state, _state(hf_run.reference))
+    fuse = "decode_head.linear_fuse.weight"
+    assert not torch.equal(hf_run.before.state[fuse], hf_run.after.state[fuse])
+    assert hf_run.after.ids == hf_run.before.ids, "the optimizer must keep its parameter objects"
+    assert id(hf_run.model.get_parameter(fuse)) in hf_run.after.ids
+    assert not torch.equal(hf_run.model.get_parameter(fuse), hf_run.after.state[fuse]), "step 1 trains it"
+    assert torch.equal(hf_run.after.rng, hf_run.before.rng), "calibration must leave the random state alone"
+
+
+def test_hf_callback_writes_the_report(hf_run: SimpleNamespace) -> None:
+    report = hf_run.callback.report
+    assert [c.weight for s in report.search.sites for c in s.convs] == ["decode_head.linear_fuse.weight"]
+    written = json.loads((hf_run.out / "model.fxeq.json").read_text())
+    assert written == json.loads(json.dumps(report.to_dict()))
+    assert written["trainer"] == {"framework": "transformers", "global_step": 0, "num_batches": 2, "world_size": 1}
+    beside = hf_run.out / "checkpoint-1" / "model.safetensors.fxeq.json"
+    assert json.loads(beside.read_text()) == written
+    assert not list(hf_run.out.glob(".*.tmp"))
+
+
+def test_hf_report_replays_the_run(hf_run: SimpleNamespace) -> None:
+    fresh = _segformer(seed=0)
+    _assert_same(_state(fresh), _state(hf_run.original))
+    apply(fresh, hf_run.out / "model.fxeq.json")
+    _assert_same(_state(fresh), hf_run.after.state)
+
+
+def test_hf_callback_leaves_a_resumed_run_alone(hf_run: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    ScaleEqualizationCallback = _hf_callback()
+    checkpoint = hf_run.out / "checkpoint-1"
+    before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
+    trainer = _hf_trainer(_segformer(seed=1), hf_run.out, [before, callback, after], max_steps=2,
+                          save_strategy="steps", save_steps=1)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert callback.report is None
+    assert "training resumes at step 1, so the weights come from a checkpoint" in caplog.text
+    _assert_same(after.state, before.state)
+    # transformers 5 saves some keys under legacy names; the decoder's keep theirs
+    saved = load_file(checkpoint / "model.safetensors")
+    assert "decode_head.linear_fuse.weight" in saved
+    _assert_same({k: after.state[k] for k in saved if k in after.state}, {k: saved[k] for k in saved
+                                                                         if k in after.state})
+    assert json.loads((hf_run.out / "checkpoint-2" / "model.safetensors.fxeq.json").read_text())["sites"]
+
+
+def test_hf_callback_warns_when_a_resumed_run_has_no_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    args = SimpleNamespace(deepspeed=None, fsdp=None, output_dir=str(tmp_path), disable_tqdm=True, world_size=1)
+    state = SimpleNamespace(global_step=5, is_world_process_zero=True)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        ScaleEqualizationCallback().on_train_begin(args, state, None, model=TwoBranch(), train_dataloader=[])
+    assert f"resuming at step 5 but {tmp_path / 'model.fxeq.json'} does not exist" in caplog.text
+
+
+def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    callback, after = ScaleEqualizationCallback(num_batches=2), _hf_recorder()
+    model = copy.deepcopy(hf_run.model)  # the mark survives deepcopy
+    state = _state(model)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _hf_trainer(model, tmp_path, [callback, after]).train()
+    assert callback.report is None
+    assert "not equalizing again: conv decode_head.linear_fuse was already equalized by fxeq" in caplog.text
+    _assert_same(after.state, state)
+    assert not (tmp_path / "model.fxeq.json").exists()
+
+
+@pytest.mark.parametrize("engine, args", [
+    ("DeepSpeed", {"deepspeed": "ds_config.json", "fsdp": None}),
+    ("FSDP", {"deepspeed": None, "fsdp": ["full_shard"]}),
+])
+def test_hf_callback_refuses_sharded_training(engine: str, args: dict[str, Any]) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    with pytest.raises(ValueError, match=f"ScaleEqualizationCallback does not support {engine} training: the "
+                       "optimizer holds its own copy or shards of the weights"):
+        ScaleEqualizationCallback().on_train_begin(SimpleNamespace(**args), None, None, model=TwoBranch())
+
+
+def test_hf_callback_needs_a_model_and_a_dataloader(tmp_path: Path) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    args = SimpleNamespace(deepspeed=None, fsdp=None, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"ScaleEqualizationCallback\.on_train_begin got no model"):
+        ScaleEqualizationCallback().on_train_begin(args, None, None)
+    with pytest.raises(ValueError, match=r"got no train_dataloader from the Trainer; expected the Trainer to pass it "
+                       r"to every callback event\. Pass the batches yourself"):
+        ScaleEqualizationCallback().on_train_begin(args, None, None, model=TwoBranch(), train_dataloader=None)
+
+
+# ---------------------------------------------------------------------------
+# Lightning
+# ---------------------------------------------------------------------------
+
+
+def _lightning() -> Any:
+    return pytest.importorskip("lightning.pytorch")
+
+
+def _pl_callback() -> Any:
+    """ScaleEqualization, or a skip where Lightning is missing."""
+    _lightning()
+    return importlib.import_module("fxeq.integrations.lightning").ScaleEqualization
+
+
+def _seg_module(forward: bool = True) -> Any:
+    """A LightningModule around models.Chained (two chained sites), its forward optional."""
+    pl = _lightning()
+
+    class Seg(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Chained()
+            self.first_batch: torch.Tensor | None = None
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.first_batch is None:
+                self.first_batch = batch[0].clone()
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class SegWithForward(Seg):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    return SegWithForward() if forward else Seg()
+
+
+def _pl_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 3, (16, 8, 8), generator=g))
+    return DataLoader(data, batch_size=4, shuffle=True)
+
+
+def _pl_trainer(root: Path, callbacks: list[Any], max_steps: int = 1) -> Any:
+    pl = _lightning()
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                      callbacks=callbacks)
+
+
+def _pl_recorder() -> Any:
+    pl = _lightning()
+
+    class Recorder(pl.Callback):
+        """Records, at on_train_start, the random state, the weights and the optimizer's parameter ids."""
+
+        def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+            self.rng = torch.random.get_rng_state()
+            self.state, self.ids = _state(pl_module), _optimizer_ids(trainer.optimizers[0])
+            self.loader = trainer.train_dataloader
+
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def pl_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One Lightning step with the callback between two recorders, on a shuffling loader."""
+    ScaleEqualization = _pl_callback()
+    root = tmp_path_factory.mktemp("pl")
+    torch.manual_seed(0)
+    module = _seg_module()
+    original = copy.deepcopy(module)
+    before, callback, after = _pl_recorder(), ScaleEqualization(num_batches=2), _pl_recorder()
+    trainer = _pl_trainer(root, [before, callback, after])
+    torch.manual_seed(123)
+    trainer.fit(module, _pl_loader())
+    torch.random.set_rng_state(before.rng)  # the batches the callback drew, in its passes
+    reference = copy.deepcopy(original)
+    fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
+    return SimpleNamespace(root=root, module=module, reference=reference, before=before, callback=callback,
+                           after=after, trainer=trainer)
+
+
+def test_lightning_callback_equalizes_before_the_first_step(pl_run: SimpleNamespace) -> None:
+    _assert_same(pl_run.after.state, _state(pl_run.reference))
+    for fuse in ("net.fuse1.weight", "net.fuse2.weight"):
+        assert not torch.equal(pl_run.before.state[fuse], pl_run.after.state[fuse])
+        assert not torch.equal(pl_run.module.get_parameter(fuse), pl_run.after.state[fuse]), "step 1 trains it"
+    assert pl_run.after.ids == pl_run.before.ids, "the optimizer must keep its parameter objects"
+    assert torch.equal(pl_run.after.rng, pl_run.before.rng), "calibration must leave the random state alone"
+
+
+def test_lightning_training_sees_the_batches_it_would_see_without_fxeq(pl_run: SimpleNamespace,
+                                                                        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = _seg_module()
+    torch.manual_seed(123)
+    _pl_trainer(tmp_path, []).fit(module, _pl_loader())
+    assert torch.equal(module.first_batch, pl_run.module.first_batch)
+
+
+def test_lightning_callback_writes_the_report(pl_run: SimpleNamespace) -> None:
+    report = pl_run.callback.report
+    assert [c.weight for s in report.search.sites for c in s.convs] == ["net.fuse1.weight", "net.fuse2.weight"]
+    written = json.loads((pl_run.root / "model.fxeq.json").read_text())
+    assert written == json.loads(json.dumps(report.to_dict()))
+    assert written["trainer"]["framework"] == "lightning" and written["calibration"]["passes"] == 2
+    assert pl_run.callback.state_dict() == {"report": written}
+
+
+def test_lightning_callback_leaves_a_resumed_run_alone(pl_run: SimpleNamespace, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualization = _pl_callback()
+    checkpoint = tmp_path / "step1.ckpt"
+    pl_run.trainer.save_checkpoint(checkpoint)
+    callback, after = ScaleEqualization(num_batches=2), _pl_recorder()
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _pl_trainer(tmp_path, [callback, after], max_steps=2).fit(_seg_module(), _pl_loader(), ckpt_path=checkpoint)
+    assert callback.report is None
+    assert "training resumes at step 1, so the weights come from a checkpoint" in caplog.text
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    _assert_same(after.state, saved)
+    assert callback.state_dict()["report"] == pl_run.callback.state_dict()["report"]
+
+
+def test_lightning_callback_leaves_an_equalized_model_alone(pl_run: SimpleNamespace, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualization = _pl_callback()
+    module = copy.deepcopy(pl_run.module)
+    state = _state(module)
+    callback, after = ScaleEqualization(num_batches=2), _pl_recorder()
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _pl_trainer(tmp_path, [callback, after]).fit(module, _pl_loader())
+    assert callback.report is None
+    assert "not equalizing again: conv net.fuse1 was already equalized by fxeq" in caplog.text
+    _assert_same(after.state, state)
+
+
+def test_lightning_callback_state_from_a_checkpoint_is_enough(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualization = _pl_callback()
+    callback = ScaleEqualization(calib_loader=batches(size=16))
+    callback.load_state_dict({"report": {"sites": []}})
+    module = _seg_module()
+    state = _state(module)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        callback.on_train_start(_fake_trainer(tmp_path), module)
+    assert callback.report is None
+    assert "the checkpoint being resumed records fxeq's report; not equalizing again" in caplog.text
+    _assert_same(_state(module), state)
+    callback.on_train_start(_fake_trainer(tmp_path), module)  # the same callback in a new run, on a new model
+    assert callback.report is not None
+
+
+def _fake_trainer(tmp_path: Path, **kwargs: Any) -> SimpleNamespace:
+    """What ScaleEqualization reads from a Trainer at on_train_start."""
+    fields = {"strategy": None, "train_dataloader": None, "global_step": 0, "is_global_zero": True,
+              "world_size": 1, "checkpoint_callback": None, "default_root_dir": str(tmp_path)}
+    return SimpleNamespace(**{**fields, **kwargs})
+
+
+def test_lightning_submodule(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    module = _seg_module(forward=False)
+    callback = ScaleEqualization(submodule="net", calib_loader=batches(size=16))
+    callback.on_train_start(_fake_trainer(tmp_path), module)
+    assert [c.weight for s in callback.report.search.sites for c in s.convs] == ["fuse1.weight", "fuse2.weight"]
+    assert json.loads((tmp_path / "model.fxeq.json").read_text())["trainer"]["submodule"] == "net"
+
+
+def test_lightning_module_without_forward_suggests_a_submodule(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    callback = ScaleEqualization(calib_loader=batches(size=16))
+    with pytest.raises(fxeq.CaptureError, match=r"ScaleEqualization captures Seg.forward on a training batch\. If "
+                       r"the segmentation network is a submodule whose forward differs, pass its name: "
+                       r"ScaleEqualization\(submodule='net'\)"):
+        callback.on_train_start(_fake_trainer(tmp_path), _seg_module(forward=False))
+
+
+def test_lightning_unknown_submodule(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    with pytest.raises(ValueError, match=r"ScaleEqualization\(submodule='decoder'\): SegWithForward has no such "
+                       r"submodule; expected a module path such as one of \['net'\]"):
+        ScaleEqualization(submodule="decoder").on_train_start(_fake_trainer(tmp_path), _seg_module())
+
+
+def test_lightning_needs_one_train_dataloader(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    with pytest.raises(ValueError, match="ScaleEqualization found no train dataloader on the trainer at "
+                       "on_train_start"):
+        ScaleEqualization().on_train_start(_fake_trainer(tmp_path), _seg_module())
+    loaders = {"a": _pl_loader(), "b": _pl_loader()}
+    with pytest.raises(ValueError, match=r"ScaleEqualization found 2 train dataloaders; it calibrates on one\. "
+                       r"Pass the one that feeds the segmentation network"):
+        ScaleEqualization().on_train_start(_fake_trainer(tmp_path, train_dataloader=loaders), _seg_module())
+
+
+def test_lightning_refuses_sharded_training(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = _fake_trainer(tmp_path, strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="ScaleEqualization does not support FSDPStrategy: the optimizer holds its "
+                       "own copy or shards of the weights"):
+        ScaleEqualization().on_train_start(trainer, _seg_module())
+
+
+def test_lightning_remote_checkpoint_folder_keeps_the_report_in_checkpoints(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ScaleEqualization = _pl_callback()
+    callback = ScaleEqualization(calib_loader=batches(size=16))
+    trainer = _fake_trainer(tmp_path, checkpoint_callback=SimpleNamespace(dirpath="s3://bucket/run"))
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        callback.on_train_start(trainer, _seg_module())
+    assert "the checkpoint folder is not a local path; the report is kept in the checkpoints only" in caplog.text
+    assert callback.state_dict()["report"]["sites"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_lightning_report_path(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    path = tmp_path / "deep" / "run.fxeq.json"
+    callback = ScaleEqualization(calib_loader=batches(size=16), report_path=path)
+    callback.on_train_start(_fake_trainer(tmp_path / "unused"), _seg_module())
+    assert json.loads(path.read_text())["sites"]
+
+
+# ---------------------------------------------------------------------------
+# Arguments of both callbacks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["transformers", "lightning"])
+def test_callbacks_check_their_arguments(framework: str) -> None:
+    pytest.importorskip(framework)
+    module = importlib.import_module(f"fxeq.integrations.{framework}")
+    name = {"transformers": "ScaleEqualizationCallback", "lightning": "ScaleEqualization"}[framework]
+    callback = getattr(module, name)
+    with pytest.raises(ValueError, match="num_batches must be a whole number of at least 1, or None for all; got 0"):
+        callback(num_batches=0)
+    with pytest.raises(ValueError, match=r"mode must be one of \('init', 'reparam', 'explicit'\), got 'fold'"):
+        callback(mode="fold")
+    with pytest.raises(ValueError, match="keep_norm applies to mode='init' only, got mode='reparam'"):
+        callback(mode="reparam", keep_norm=True)
+    assert callback(num_batches=None).num_batches is None

@@ -114,6 +114,7 @@ class Calibration:
         batches: batches run, over all passes.
         seconds: wall time of all passes.
         one_pass: whether the one-pass shortcut was used (downstream sites approximate).
+        pass_seconds: wall time of each pass.
     """
 
     stats: dict[tuple[str, int], InputStats]
@@ -122,6 +123,7 @@ class Calibration:
     batches: int
     seconds: float
     one_pass: bool = False
+    pass_seconds: tuple[float, ...] = ()
 
 
 def model_device_and_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -393,10 +395,11 @@ def calibrate_sites(
     }
     folded: dict[str, torch.Tensor] = {}
     stats: dict[tuple[str, int], InputStats] = {}
-    batches, start = 0, time.perf_counter()
+    batches, start, pass_seconds = 0, time.perf_counter(), []
     with calibration_mode(model), torch.no_grad():
         for number, generation in enumerate(generations, 1):
             forward = functools.partial(_forward_with, model, dict(folded)) if folded else model
+            pass_start = time.perf_counter()
             with SiteObservers(model, generation) as observers:
                 seen = _run_pass(
                     forward, observers, data.epoch(number, len(generations)), model=model, input_fn=input_fn,
@@ -404,6 +407,7 @@ def calibrate_sites(
                     number=number, total=len(generations),
                 )
             merge_across_ranks(list(observers.observers.values()))  # every rank joins, even one without data
+            pass_seconds.append(time.perf_counter() - pass_start)
             if seen == 0 and not any(o.count for o in observers.observers.values()):
                 raise CalibrationError(EMPTY_LOADER if number == 1 else (
                     f"the calibration loader yielded no batches on pass {number} of {len(generations)}, after "
@@ -424,7 +428,8 @@ def calibrate_sites(
                                 {k: v.std for k, v in site_stats.items()}, current, min_std=min_std)
                 current.update(new)
                 folded.update(new)
-    return Calibration(stats, folded, len(generations), batches, time.perf_counter() - start, one_pass)
+    return Calibration(stats, folded, len(generations), batches, time.perf_counter() - start, one_pass,
+                       tuple(pass_seconds))
 
 
 def _forward_with(model: nn.Module, parameters: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:

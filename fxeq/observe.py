@@ -34,6 +34,9 @@ from .sites import Site
 __all__ = ["PassDone", "ScaleObserver", "SiteObservers", "channel_moments", "observation_point"]
 
 
+_BLOCK_ELEMENTS = 1 << 20  # float32 elements centred at once by channel_moments
+
+
 def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Per channel (dim 1) of ``x``: the element count, the mean and the sum of squared deviations (M2).
 
@@ -41,8 +44,9 @@ def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     norm of the values centred on them. Centring keeps a large mean from
     swamping a small variance (a float32 sum and sum of squares gives a
     negative variance at mean 1e4), and the sum of the deviations corrects the
-    shift's own rounding. The results are float64; fp16/bf16 input is read as
-    float32. A tensor with fewer than 2 dims is one channel.
+    shift's own rounding. Channels are reduced in blocks of about 4 MiB, so
+    the transient copy stays small. The results are float64; fp16/bf16 input
+    is read as float32. A tensor with fewer than 2 dims is one channel.
 
     Example:
         >>> count, mean, m2 = channel_moments(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))
@@ -50,17 +54,22 @@ def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         (2, [2.0, 4.0], [2.0, 2.0])
     """
     values = x.detach()
-    if values.element_size() < 4:  # fp16/bf16 deviations would round
-        values = values.float()
     if values.dim() < 2:
         values = values.reshape(-1, 1)
     dims = [0, *range(2, values.dim())]
     count = values.numel() // values.shape[1]
-    shift = values.mean(dim=dims, keepdim=True)
-    deviation = values - shift
-    s1 = deviation.sum(dim=dims).double()
-    s2 = torch.linalg.vector_norm(deviation, dim=dims).double().square()
-    return count, shift.flatten().double() + s1 / count, s2 - s1 * s1 / count
+    # Blocks of channels bound the transient centred copy (about 4 MiB) whatever the input's size.
+    step = max(1, _BLOCK_ELEMENTS // max(count, 1))
+    means, m2s = [], []
+    for block in values.split(step, dim=1):
+        if block.element_size() < 4:  # fp16/bf16 deviations would round
+            block = block.float()
+        shift = block.mean(dim=dims, keepdim=True)
+        deviation = block - shift
+        s1 = deviation.sum(dim=dims).double()
+        means.append(shift.flatten().double() + s1 / count)
+        m2s.append(torch.linalg.vector_norm(deviation, dim=dims).double().square() - s1 * s1 / count)
+    return count, torch.cat(means), torch.cat(m2s)
 
 
 class ScaleObserver(nn.Module):

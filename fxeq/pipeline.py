@@ -123,7 +123,7 @@ def find(
     """
     model = _checked_model(model)
     with torch.no_grad():
-        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic)
+        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic, batch=False)
     return Report(_observable(find_sites(captured.module, all_concats=all_concats), model), captured.frontend)
 
 

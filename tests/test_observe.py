@@ -107,3 +107,18 @@ def test_merge_across_ranks_equals_the_pooled_statistics(tmp_path):
         assert count == values.numel() and samples == sum(p.shape[0] for p in parts)
         assert mean == pytest.approx(values.mean().item(), rel=1e-7)
         assert std == pytest.approx(values.std(unbiased=False).item(), rel=1e-5)
+
+
+def test_channel_moments_in_blocks_equal_the_float64_reference(monkeypatch):
+    import fxeq.observe as observe
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 5, 4, generator=g) * torch.arange(1, 8).view(1, 7, 1, 1) + 50.0
+    whole = observe.channel_moments(x)
+    monkeypatch.setattr(observe, "_BLOCK_ELEMENTS", 2 * 60)  # two channels per block, the last one alone
+    count, mean, m2 = observe.channel_moments(x)
+    reference = x.double().transpose(0, 1).reshape(7, -1)
+    assert count == whole[0] == 60
+    torch.testing.assert_close(mean, reference.mean(1), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(m2, ((reference - reference.mean(1, keepdim=True)) ** 2).sum(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(mean, whole[1]) and torch.equal(m2, whole[2])

@@ -7,6 +7,10 @@ versions and git commit, the exact command line, a timestamp and the CPU load
 average), so that a table pasted into the README can be traced back to a run.
 No figure in either file is typed in by hand.
 
+Full runs write into ``benchmarks/results/`` (committed); ``--quick`` smoke
+runs write into ``benchmarks/results/tmp/``, which git ignores, unless
+``--out`` says otherwise.
+
 The scripts import this module as ``_common`` (Python puts a script's own
 folder first on ``sys.path``), so they run as ``python benchmarks/<name>.py``
 from any working directory.
@@ -15,14 +19,16 @@ from any working directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,16 +38,20 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import fxeq
-from fxeq.report import Report
+from fxeq.report import Report, versions
 from fxeq.sites import Site
 
 __all__ = [
     "DEFAULT_RESULTS",
     "FULL_MODELS",
     "QUICK_MODELS",
+    "QUICK_RESULTS",
     "Run",
+    "TEST_ZOO",
+    "available",
     "build_model",
+    "build_smp",
+    "cpu_peak_memory",
     "defaults",
     "describe_model",
     "fusing_conv_modules",
@@ -50,12 +60,14 @@ __all__ = [
     "output_tensor",
     "parser",
     "peak_memory",
+    "quiet_profiler",
     "random_images",
     "start",
     "stopwatch",
 ]
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = DEFAULT_RESULTS / "tmp"  # git-ignored: smoke runs never dirty the tree
 
 # ---------------------------------------------------------------------------
 # Model zoo: name -> (library, constructor, encoder). Weights are never loaded.
@@ -71,6 +83,15 @@ _ZOO: dict[str, tuple[str, str, str | None]] = {
     "unet_resnet34": ("smp", "Unet", "resnet34"),
     "unet_resnet18": ("smp", "Unet", "resnet18"),
     "upernet_resnet18": ("smp", "UPerNet", "resnet18"),
+    "pspnet_resnet18": ("smp", "PSPNet", "resnet18"),
+    "deeplabv3plus_resnet18": ("smp", "DeepLabV3Plus", "resnet18"),
+    "segformer_resnet18": ("smp", "Segformer", "resnet18"),
+    "upernet_convnext_atto": ("smp", "UPerNet", "tu-convnext_atto"),
+    "pspnet_convnext_atto": ("smp", "PSPNet", "tu-convnext_atto"),
+    "deeplabv3plus_convnext_atto": ("smp", "DeepLabV3Plus", "tu-convnext_atto"),
+    "segformer_convnext_atto": ("smp", "Segformer", "tu-convnext_atto"),
+    "unet_convnext_atto": ("smp", "Unet", "tu-convnext_atto"),
+    "hf_upernet_swin": ("transformers", "UperNetForSemanticSegmentation", "swin"),
 }
 
 FULL_MODELS: tuple[str, ...] = (
@@ -78,8 +99,35 @@ FULL_MODELS: tuple[str, ...] = (
     "deeplabv3plus_resnet50", "segformer_mit_b2", "unet_resnet34",
 )
 QUICK_MODELS: tuple[str, ...] = ("unet_resnet18", "upernet_resnet18")
+TEST_ZOO: tuple[str, ...] = (
+    "deeplabv3_resnet50", "upernet_resnet18", "pspnet_resnet18", "deeplabv3plus_resnet18", "segformer_resnet18",
+    "unet_resnet18", "upernet_convnext_atto", "pspnet_convnext_atto", "deeplabv3plus_convnext_atto",
+    "segformer_convnext_atto", "unet_convnext_atto",
+)
+"""The models of ``tests/test_zoo.py`` (torchvision deeplabv3 and five smp decoders on two encoders)."""
 
 NUM_CLASSES = 21
+
+# A small Hugging Face UperNet on a Swin backbone, built from config classes
+# (no download): the model whose export with symbolic H/W took minutes.
+_HF_SWIN = {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 4}
+_HF_UPERNET = {"hidden_size": 64, "use_auxiliary_head": False}
+
+
+def available(name: str) -> str | None:
+    """Why zoo model ``name`` cannot be built here, or None when it can.
+
+    Example:
+        >>> available("unet_resnet18") is None
+        True
+    """
+    library = _ZOO[name][0]
+    module = {"smp": "segmentation_models_pytorch"}.get(library, library)
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{module} is not installed"
+    return None
 
 
 def describe_model(name: str) -> str:
@@ -93,36 +141,68 @@ def describe_model(name: str) -> str:
     if library == "torchvision":
         return (f"torchvision.models.segmentation.{constructor}(weights=None, weights_backbone=None, "
                 f"num_classes={NUM_CLASSES})")
+    if library == "transformers":
+        swin = ", ".join(f"{k}={v!r}" for k, v in _HF_SWIN.items())
+        head = ", ".join(f"{k}={v!r}" for k, v in _HF_UPERNET.items())
+        return (f"transformers.{constructor}(UperNetConfig(backbone_config=SwinConfig({swin}, drop_path_rate=0.0, "
+                f"out_features=['stage1', 'stage2', 'stage3', 'stage4']), {head}, num_labels={NUM_CLASSES}))")
     return f"smp.{constructor}(encoder_name={encoder!r}, encoder_weights=None, classes={NUM_CLASSES})"
+
+
+def build_smp(arch: str, encoder: str, *, classes: int = NUM_CLASSES, seed: int = 0,
+              **kwargs: Any) -> nn.Module:
+    """An smp model with random weights drawn after ``torch.manual_seed(seed)``; never downloads weights.
+
+    Args:
+        arch: an smp class name (``UPerNet``, ``PSPNet``, ``Unet``...).
+        encoder: an smp encoder name.
+        classes: output classes. Default: 21.
+        seed: seed of the random weights. Default: 0.
+        kwargs: further constructor arguments (``decoder_channels``...).
+
+    Raises:
+        ValueError: ``arch`` is not an smp model class.
+    """
+    import segmentation_models_pytorch as smp
+
+    constructor = getattr(smp, arch, None)
+    if not isinstance(constructor, type) or not issubclass(constructor, nn.Module):
+        raise ValueError(f"unknown smp architecture {arch!r}; use a class name such as UPerNet, PSPNet, Unet")
+    torch.manual_seed(seed)
+    return constructor(encoder_name=encoder, encoder_weights=None, classes=classes, **kwargs)
 
 
 def build_model(name: str, *, seed: int = 0) -> nn.Module:
     """A zoo model with random weights drawn after ``torch.manual_seed(seed)``, in eval mode."""
     library, constructor, encoder = _ZOO[name]
+    if library == "smp":
+        return build_smp(constructor, str(encoder), seed=seed).eval()
     torch.manual_seed(seed)
     if library == "torchvision":
         import torchvision
 
         build = getattr(torchvision.models.segmentation, constructor)
-        model = build(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
-    else:
-        import segmentation_models_pytorch as smp
+        return build(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).eval()
+    import transformers
 
-        model = getattr(smp, constructor)(encoder_name=encoder, encoder_weights=None, classes=NUM_CLASSES)
-    return model.eval()
+    swin = transformers.SwinConfig(**_HF_SWIN, drop_path_rate=0.0,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.UperNetConfig(backbone_config=swin, **_HF_UPERNET, num_labels=NUM_CLASSES)
+    return getattr(transformers, constructor)(config).eval()
 
 
-def random_images(count: int, batch: int, size: int, *, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def random_images(count: int, batch: int, size: int, *, seed: int,
+                  device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """``count`` batches of standard-normal images ``(batch, 3, size, size)``."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, size, size, generator=generator).to(device) for _ in range(count)]
 
 
 def output_tensor(output: Any) -> torch.Tensor:
-    """The logits of a segmentation model (torchvision returns ``{"out": ...}``)."""
+    """The logits of a segmentation model (torchvision returns ``{"out": ...}``, Hugging Face ``.logits``)."""
     if isinstance(output, Mapping):
-        return output["out"]
-    return output
+        return output["out"] if "out" in output else output["logits"]
+    return getattr(output, "logits", output)
 
 
 def fusing_conv_modules(report: Report) -> dict[str, Site]:
@@ -203,18 +283,68 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    return cpu_peak_memory(fn)[0]
+
+
+def cpu_peak_memory(fn: Callable[[], Any], inside: str | None = None) -> tuple[int, int | None]:
+    """CPU peak bytes while ``fn`` ran, and the peak while it was inside ``torch.profiler.record_function(inside)``.
+
+    Both are running maxima of the profiler's allocation events over the
+    whole call (so memory allocated before such a range and still held
+    counts inside it); the second is None without ``inside`` or when no
+    such range ran.
+    """
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    allocations = sorted(
         (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        for event in events
         if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
     )
+    ranges = [(event.start_ns(), event.end_ns()) for event in events if inside is not None and event.name() == inside]
     current = peak = 0
-    for _, nbytes in events:
+    peak_inside: int | None = None
+    for when, nbytes in allocations:
         current += nbytes
         peak = max(peak, current)
-    return peak
+        if any(begin <= when <= end for begin, end in ranges):
+            peak_inside = max(peak_inside or 0, current)
+    return peak, peak_inside
+
+
+# What the profiler's C++ side writes to stderr on every start and stop, on a
+# CUDA build without a GPU, and when a tensor allocated before profiling is
+# freed during it: not ours to show.
+_PROFILER_NOISE = ("profiler_start", "profiler_stop", "gpuGetDeviceCount failed",
+                   "allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop the torch profiler's own stderr lines (``USDT: profiler_start``...); pass every other line on.
+
+    Kineto writes them from C++ straight to file descriptor 2, so
+    ``contextlib.redirect_stderr`` cannot catch them: the descriptor itself is
+    pointed at a temporary file for the duration, and what is not profiler
+    noise is copied back to stderr afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(noise in line for noise in _PROFILER_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +359,10 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+# Model libraries the zoo builds from, which fxeq.report.versions() does not cover.
+_MODEL_LIBRARIES = ("timm", "segmentation_models_pytorch", "transformers")
 
 
 def _version(package: str) -> str | None:
@@ -268,12 +402,8 @@ def environment() -> dict[str, Any]:
             "load_average_1m": _load_average(),
         },
         "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": _version("torchvision"),
-            "timm": _version("timm"),
-            "segmentation_models_pytorch": _version("segmentation_models_pytorch"),
-            "fxeq": fxeq.__version__,
+            **versions(),
+            **{package: _version(package) for package in _MODEL_LIBRARIES},
             "fxeq_git": _git_commit(),
         },
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -281,25 +411,39 @@ def environment() -> dict[str, Any]:
     }
 
 
-def parser(description: str, *, quick: str) -> argparse.ArgumentParser:
+def parser(description: str, *, quick: str, zoo: bool = True, full_models: Sequence[str] = FULL_MODELS,
+           quick_models: Sequence[str] = QUICK_MODELS, epilog: str | None = None) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark shares.
+
+    ``--quick``, ``--out``, ``--tag`` and ``--threads`` always; ``--models``
+    (from the zoo) and ``--seed`` unless ``zoo=False``, for a benchmark that
+    names its models and seeds its own way.
 
     Args:
         description: what the benchmark measures (shown by ``--help``).
         quick: what ``--quick`` runs instead.
+        zoo: add ``--models`` and ``--seed``. Default: True.
+        full_models: the models of a full run. Default: :data:`FULL_MODELS`.
+        quick_models: the models of a ``--quick`` run. Default: :data:`QUICK_MODELS`.
+        epilog: text shown after the options. Default: none.
     """
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(full_models=list(full_models), quick_models=list(quick_models))
     p.add_argument("--quick", action="store_true", help=f"smoke-test settings: {quick}")
-    p.add_argument("--models", nargs="+", choices=sorted(_ZOO), metavar="NAME",
-                   help=f"models to run (default: {' '.join(FULL_MODELS)}; with --quick: "
-                   f"{' '.join(QUICK_MODELS)}); choices: {', '.join(sorted(_ZOO))}")
-    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS,
-                   help="folder for the result files, JSON, markdown and any plots (default: benchmarks/results/)")
+    if zoo:
+        p.add_argument("--models", nargs="+", choices=sorted(_ZOO), metavar="NAME",
+                       help=f"models to run (default: {' '.join(full_models)}; with --quick: "
+                       f"{' '.join(quick_models)}); choices: {', '.join(sorted(_ZOO))}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the result files, JSON, markdown and any plots (default: benchmarks/results/; "
+                   "with --quick: benchmarks/results/tmp/, which git ignores)")
     p.add_argument("--tag", default="",
                    help="suffix of the result file names, to keep runs apart (default: none)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own choice; the number used is recorded)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images (default: 0)")
+    if zoo:
+        p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images (default: 0)")
     return p
 
 
@@ -316,9 +460,14 @@ class Run:
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name = name
         self.args = args
+        if args.out is None:
+            args.out = QUICK_RESULTS if args.quick else DEFAULT_RESULTS
         self.environment = environment()
         self.begin = time.perf_counter()
-        self.models = list(args.models or (QUICK_MODELS if args.quick else FULL_MODELS))
+        fallback = getattr(args, "quick_models" if args.quick else "full_models", None)
+        if fallback is None:
+            fallback = QUICK_MODELS if args.quick else FULL_MODELS
+        self.models = list(args.models or fallback)
 
     @property
     def stem(self) -> str:
@@ -336,7 +485,8 @@ class Run:
             The JSON and markdown paths.
         """
         self.args.out.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()}
+        hidden = {"full_models", "quick_models"}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items() if k not in hidden}
         record = {
             "benchmark": self.name,
             "environment": self.environment,

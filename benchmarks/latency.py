@@ -13,10 +13,13 @@ add work at run time. Per model it times four variants:
   graph), so it cannot train, whereas the in-place rewrite keeps the user's own
   class, which trains like the original. Both share the folded parameters.
 * ``explicit``: the paper's literal module, ``(x - mu_i) / sigma_i`` on each
-  concatenation input, as a forward pre-hook on each fusing conv
-  (:class:`Standardize`).
+  concatenation input: ``fxeq.transform(..., mode="explicit")``, timed like
+  ``fxeq`` (its GraphModule, with the constant nodes before each fusing conv,
+  for inference; the in-place model, with a forward pre-hook on each fusing
+  conv, for training).
 * ``batchnorm``: the alternative the paper rejects, a batch norm after every
-  upsampled input (:class:`UpsampledBatchNorm`).
+  upsampled input (:class:`UpsampledBatchNorm`, a forward pre-hook on each
+  fusing conv).
 
 Inference runs in eval mode under ``torch.no_grad``; the training step is a
 forward and a backward of the output's sum in train mode. CPU runs in float32;
@@ -37,7 +40,7 @@ import contextlib
 import copy
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,52 +55,17 @@ from _common import (
     parser, random_images, start,
 )
 
-__all__ = ["Standardize", "UpsampledBatchNorm", "attach_equalizers", "main"]
+__all__ = ["UpsampledBatchNorm", "attach_batchnorms", "main"]
 
 VARIANTS = ("original", "fxeq", "explicit", "batchnorm")
 _VARIANT_NOTES = {
     "original": "the model as built",
     "fxeq": "inference: the GraphModule from `fxeq.transform`; training: the model rewritten with `inplace=True`",
-    "explicit": "pre-hook `(x - mu_i) / sigma_i` per input slice on each fusing conv, one `addcmul`",
+    "explicit": "`fxeq.transform(..., mode=\"explicit\")`: inference, its GraphModule (`(x - mu) * (1 / sigma)` "
+                "nodes before each fusing conv); training, the model rewritten with `inplace=True` (a forward "
+                "pre-hook on each fusing conv)",
     "batchnorm": "pre-hook: `BatchNorm2d` on each upsampled input slice, slices concatenated again",
 }
-
-
-class Standardize(nn.Module):
-    """The paper's equalizer on a concatenated input: ``(x - mu) / sigma`` per channel.
-
-    ``mu`` and ``sigma`` are constant per input slice and stored per channel,
-    so the whole standardization is one fused elementwise op,
-    ``addcmul(-mu / sigma, x, 1 / sigma)``.
-
-    Args:
-        mean: per-channel mean, shape ``(C,)``.
-        std: per-channel std, shape ``(C,)``.
-    """
-
-    shift: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("shift", (-mean / std).reshape(1, -1, 1, 1))
-        self.register_buffer("scale", (1.0 / std).reshape(1, -1, 1, 1))
-
-    @classmethod
-    def of(cls, site: Site, report: Report) -> Standardize:
-        """The equalizer of one site, with the report's statistics."""
-        mean, std = torch.zeros(site.channels), torch.ones(site.channels)
-        for inp in site.inputs:
-            stat = report.stats[site.name, inp.index]
-            mean[inp.channels[0]:inp.channels[1]] = stat.mean
-            std[inp.channels[0]:inp.channels[1]] = stat.std
-        return cls(mean, std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.shift, self.scale
-        if x.dtype != shift.dtype:  # bfloat16 autocast
-            shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-        return torch.addcmul(shift, x, scale)
 
 
 class UpsampledBatchNorm(nn.Module):
@@ -142,14 +110,14 @@ class UpsampledBatchNorm(nn.Module):
         return torch.cat([norm(x[:, a:b]) for (a, b), norm in zip(self.slices, self.norms)], dim=1)
 
 
-def _equalize_input(conv: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (conv.get_submodule("equalizer")(args[0]), *args[1:])
+def _normalize_input(conv: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (conv.get_submodule("upsampled_batchnorm")(args[0]), *args[1:])
 
 
-def attach_equalizers(model: nn.Module, report: Report, make: Callable[[Site, Report], nn.Module]) -> nn.Module:
-    """Give every fusing conv of ``model`` an ``equalizer`` submodule applied to its input.
+def attach_batchnorms(model: nn.Module, report: Report) -> nn.Module:
+    """Give every fusing conv of ``model`` an :class:`UpsampledBatchNorm` applied to its input.
 
-    The equalizer is registered as a submodule of the conv, so that ``.to``,
+    The module is registered as a submodule of the conv, so that ``.to``,
     ``.train`` and ``.parameters`` reach it, and runs in a forward pre-hook.
 
     Returns:
@@ -159,8 +127,8 @@ def attach_equalizers(model: nn.Module, report: Report, make: Callable[[Site, Re
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.modules.conv._ConvNd):
             raise TypeError(f"fusing conv {name} of site {site.name!r} is a {type(conv).__name__}, not a conv module")
-        conv.add_module("equalizer", make(site, report))
-        conv.register_forward_pre_hook(_equalize_input)
+        conv.add_module("upsampled_batchnorm", UpsampledBatchNorm(site, report))
+        conv.register_forward_pre_hook(_normalize_input)
     return model
 
 
@@ -199,39 +167,38 @@ def _summary(times: dict[str, list[float]], **fields: Any) -> dict[str, Any]:
     }
 
 
-def _inference(variants: dict[str, nn.Module], x: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               args: argparse.Namespace) -> dict[str, Any]:
-    calls = {name: (lambda m=m: m(x)) for name, m in variants.items()}
-    with _mode(list(variants.values()), training=False), torch.no_grad(), _autocast(device, dtype):
-        times = interleaved_times(calls, reps=args.reps, warmup=args.warmup, device=device)
-    return _summary(times, mode="inference", device=device.type, dtype=str(dtype).removeprefix("torch."))
+def _time_variants(variants: dict[str, nn.Module], x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                   args: argparse.Namespace, *, training: bool) -> dict[str, Any]:
+    """Interleaved timings of the variants: eval forwards under no_grad, or train-mode forward + backward steps."""
+    def infer(model: nn.Module) -> None:
+        with torch.no_grad(), _autocast(device, dtype):
+            model(x)
 
-
-def _training(variants: dict[str, nn.Module], x: torch.Tensor, device: torch.device, dtype: torch.dtype,
-              args: argparse.Namespace) -> dict[str, Any]:
     def step(model: nn.Module) -> None:
         model.zero_grad(set_to_none=True)
         with _autocast(device, dtype):
             out = output_tensor(model(x))
         out.float().sum().backward()
 
-    calls = {name: (lambda m=m: step(m)) for name, m in variants.items()}
-    with _mode(list(variants.values()), training=True):
+    run = step if training else infer
+    calls = {name: (lambda m=m: run(m)) for name, m in variants.items()}
+    with _mode(list(variants.values()), training=training):
         times = interleaved_times(calls, reps=args.reps, warmup=args.warmup, device=device)
-    return _summary(times, mode="train", device=device.type, dtype=str(dtype).removeprefix("torch."))
+    return _summary(times, mode="train" if training else "inference", device=device.type,
+                    dtype=str(dtype).removeprefix("torch."))
 
 
 def bench_model(name: str, args: argparse.Namespace, devices: Sequence[torch.device]) -> dict[str, Any]:
     """Build the four variants of one model, check the graph, time them on each device."""
     model = build_model(name, seed=args.seed)
     batches = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1)
-    fxeq_model = copy.deepcopy(model)
+    fxeq_model, explicit_model = copy.deepcopy(model), copy.deepcopy(model)
     deployed = fxeq.transform(fxeq_model, batches, inplace=True)
+    explicit = fxeq.transform(explicit_model, batches, inplace=True, mode="explicit")
     report: Report = deployed.fxeq_report
     reference = fxeq.capture(model, (batches[0],), frontend=report.frontend).module  # type: ignore[arg-type]
     same_graph = _node_sequence(reference) == _node_sequence(deployed)
-    explicit = attach_equalizers(copy.deepcopy(model), report, Standardize.of)
-    batchnorm = attach_equalizers(copy.deepcopy(model), report, UpsampledBatchNorm)
+    batchnorm = attach_batchnorms(copy.deepcopy(model), report)
     entry: dict[str, Any] = {
         "model": name,
         "constructor": describe_model(name),
@@ -244,16 +211,17 @@ def bench_model(name: str, args: argparse.Namespace, devices: Sequence[torch.dev
         "timings": [],
     }
     for device in devices:
-        for module in (model, fxeq_model, deployed, explicit, batchnorm):
+        for module in (model, fxeq_model, deployed, explicit_model, explicit, batchnorm):
             module.to(device)
         x = batches[0].to(device)
         for dtype in _precisions(device):
             if "inference" in args.modes:
                 variants = {"original": model, "fxeq": deployed, "explicit": explicit, "batchnorm": batchnorm}
-                entry["timings"].append(_inference(variants, x, device, dtype, args))
+                entry["timings"].append(_time_variants(variants, x, device, dtype, args, training=False))
             if "train" in args.modes:
-                variants = {"original": model, "fxeq": fxeq_model, "explicit": explicit, "batchnorm": batchnorm}
-                entry["timings"].append(_training(variants, x, device, dtype, args))
+                variants = {"original": model, "fxeq": fxeq_model, "explicit": explicit_model,
+                            "batchnorm": batchnorm}
+                entry["timings"].append(_time_variants(variants, x, device, dtype, args, training=True))
     return entry
 
 
@@ -289,10 +257,10 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> list[s
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = parser(__doc__.split("\n\n")[0] + "\n\nTimes original, fxeq, explicit-equalizer and batch-norm variants; "
                "see the module docstring for what each variant is.",
-               quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 3 repetitions, 1 warm-up")
+               quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 2 repetitions, 1 warm-up")
     p.add_argument("--size", type=int, help="input height and width (default: 512; --quick: 64)")
     p.add_argument("--batch", type=int, help="batch size of the timed input (default: 8; --quick: 2)")
-    p.add_argument("--reps", type=int, help="timed repetitions per variant (default: 20; --quick: 3)")
+    p.add_argument("--reps", type=int, help="timed repetitions per variant (default: 20; --quick: 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls per variant (default: 3; --quick: 1)")
     p.add_argument("--calib-batches", type=int, default=2,
                    help="random batches fxeq calibrates on, each of --batch images (default: 2)")
@@ -303,7 +271,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "and bfloat16 autocast")
     args = p.parse_args(argv)
     defaults(args, full={"size": 512, "batch": 8, "reps": 20, "warmup": 3},
-             quick={"size": 64, "batch": 2, "reps": 3, "warmup": 1})
+             quick={"size": 64, "batch": 2, "reps": 2, "warmup": 1})
     if args.devices is None:
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if "cuda" in args.devices and not torch.cuda.is_available():

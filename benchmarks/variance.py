@@ -21,8 +21,9 @@ Three measurements:
    as fxeq calibrates: per fusion site, the largest over the smallest input
    std before fxeq, and after. "After" is what the folded conv effectively
    reads, ``x_i / sigma_i`` (``conv(x, W / sigma) = conv(x / sigma, W)``):
-   the inputs are re-measured by hooks on the rewritten model (so upstream
-   folds count) over fresh batches that fxeq did not calibrate on, and
+   the inputs are re-measured on the rewritten model (so upstream folds
+   count) over fresh batches that fxeq did not calibrate on, by fxeq's own
+   observers under its calibration semantics (:func:`slice_stds`), and
    divided by fxeq's sigma_i. Equalized inputs give 1.00.
 
 Plots (PNG) are written when matplotlib is importable (``pip install
@@ -34,11 +35,10 @@ Run ``python benchmarks/variance.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxeq
+from fxeq.calibration import InputStats, calibration_mode
+from fxeq.observe import SiteObservers
 from fxeq.report import Report
 from fxeq.sites import Site
 
-from _common import (
-    build_model, defaults, describe_model, fusing_conv_modules, markdown_table, parser, random_images, start,
-)
+from _common import build_model, defaults, describe_model, markdown_table, parser, random_images, start
 
 __all__ = ["closed_form", "disequilibrium", "even_formula", "iid_ratios", "main", "paper_ratios", "slice_stds"]
 
@@ -123,61 +123,19 @@ def paper_ratios(shape_nhwc: Sequence[int], variances: Sequence[float], *, seed:
     return rows
 
 
-@contextlib.contextmanager
-def _batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Eval mode, except batch norm, which uses batch statistics; buffers and flags restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms]
-    model.eval()
-    for m in norms:
-        m.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for b, old in zip(m.buffers(recurse=False), buffers):
-                    b.copy_(old)
-        for m, flag in flags:
-            m.training = flag
+def slice_stds(model: nn.Module, sites: Sequence[Site],
+               batches: Sequence[torch.Tensor]) -> dict[tuple[str, int], float]:
+    """Population std of each input of each site, as its fusing conv receives it, over ``batches``.
 
-
-def slice_stds(model: nn.Module, sites: Mapping[str, Site], batches: Sequence[torch.Tensor]) -> dict[tuple[str, int], float]:
-    """Population std of each input slice of each site's first fusing conv, over ``batches``.
-
-    Measured by forward pre-hooks with float64 sums, batch norm using batch
-    statistics (fxeq's calibration semantics).
+    fxeq's own observers (:class:`fxeq.observe.SiteObservers`) under its
+    calibration semantics (:func:`fxeq.calibration.calibration_mode`: batch
+    norm with batch statistics, everything else in eval mode), all sites in
+    one pass over ``model`` as it is: upstream folds count, nothing is folded.
     """
-    first = {}
-    for conv, site in sites.items():
-        first.setdefault(site.name, (conv, site))
-    sums: dict[tuple[str, int], torch.Tensor] = {}
-
-    def hook(site: Site) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().double()
-            for inp in site.inputs:
-                part = x[:, inp.channels[0]:inp.channels[1]]
-                stats = torch.stack([torch.tensor(float(part.numel()), dtype=torch.float64), part.sum(),
-                                     part.square().sum()])
-                key = (site.name, inp.index)
-                sums[key] = sums[key] + stats if key in sums else stats
-        return record
-
-    handles = [model.get_submodule(conv).register_forward_pre_hook(hook(site)) for conv, site in first.values()]
-    try:
-        with _batch_statistics(model), torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = {}
-    for key, (count, total, squares) in sums.items():
-        mean = total / count
-        out[key] = math.sqrt(max((squares / count - mean * mean).item(), 0.0))
-    return out
+    with calibration_mode(model), torch.no_grad(), SiteObservers(model, sites) as observers:
+        for x in batches:
+            observers.run(model, (x,), {})
+    return {key: InputStats.of(observer).std for key, observer in observers.observers.items()}
 
 
 def disequilibrium(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -187,9 +145,8 @@ def disequilibrium(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     fresh = random_images(args.fresh_batches, args.batch, args.size, seed=args.seed + 2)
     equalized = copy.deepcopy(model)
     report: Report = fxeq.transform(equalized, calibration, inplace=True).fxeq_report
-    convs = fusing_conv_modules(report)
-    before = slice_stds(model, convs, fresh)
-    after = slice_stds(equalized, convs, fresh)
+    before = slice_stds(model, report.search.sites, fresh)
+    after = slice_stds(equalized, report.search.sites, fresh)
     rows = []
     for site in report.search.sites:
         sigma = [report.stats[site.name, i.index].std for i in site.inputs]
@@ -259,8 +216,9 @@ def _fmt(values: Sequence[float]) -> str:
 
 def _markdown(args: argparse.Namespace, iid: list[dict[str, float]], paper: list[dict[str, float]],
               sites: list[dict[str, Any]], plot_note: str) -> list[str]:
-    iid_rows = [[r["r"], f"{r['even_formula']:.4f}", f"{r['closed_form']:.4f}", f"{r['bilinear_interior']:.4f}", f"{r['bilinear_whole']:.4f}",
-                 f"{r['bilinear_align_corners']:.4f}", f"{r['nearest']:.4f}"] for r in iid]
+    iid_rows = [[r["r"], *(f"{r[k]:.4f}" for k in ("even_formula", "closed_form", "bilinear_interior",
+                                                    "bilinear_whole", "bilinear_align_corners", "nearest"))]
+                for r in iid]
     paper_rows = [[f"{r['v']:.3f}", f"{r['mean']:.4f}", f"{r['var_before']:.4f}", f"{r['var_after']:.4f}",
                    f"{r['ratio']:.4f}"] for r in paper]
     site_rows = [[s["model"], f"`{s['conv']}`", ", ".join(u or "-" for u in s["upsample"]),
@@ -307,7 +265,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="image size of the disequilibrium survey (default: 512; --quick: 64)")
     p.add_argument("--batch", type=int, help="images per batch, at least 2 (default: 2; --quick: 2)")
     p.add_argument("--calib-batches", type=int, help="batches fxeq calibrates on (default: 2; --quick: 1)")
-    p.add_argument("--fresh-batches", type=int, help="other batches the stds are re-measured on (default: 2; --quick: 1)")
+    p.add_argument("--fresh-batches", type=int,
+                   help="other batches the stds are re-measured on (default: 2; --quick: 1)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     args = p.parse_args(argv)
     defaults(args,

@@ -1,9 +1,11 @@
-"""benchmarks/train_quality.py: the synthetic data, and a ``--quick`` run end to end.
+"""benchmarks/train_quality.py: the synthetic data, the metrics, and a ``--quick`` run end to end.
 
-The run's numbers (mIoU, timings) depend on the machine and are never
-asserted; the test checks that the run finishes and records what the README
-relies on: environment, per-config summaries, paired differences, step-0
-gradients and the finalize check.
+The run's mIoU and timings depend on the machine and are never asserted. What
+does not is checked against an independent computation: the step-0 gradient
+RMS of the ``none`` run against one forward and backward computed here, the
+``reparam`` gradient against the ``init`` gradient divided by sigma (the chain
+rule through ``W = W_raw / sigma``), and ``fxeq.finalize`` of a
+parametrization against the unchanged logits it must give.
 """
 
 from __future__ import annotations
@@ -16,36 +18,40 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("segmentation_models_pytorch")
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import train_quality  # a script folder, put on the path above
+import _common  # noqa: E402 - the benchmarks folder, put on the path above
+import _tq_data  # noqa: E402
+import _tq_experiment  # noqa: E402
+import train_quality  # noqa: E402
 
 
 def test_synthetic_task_is_deterministic_and_tasks_differ() -> None:
-    task = train_quality.SyntheticTask(task=1, classes=6, size=32)
+    task = _tq_data.SyntheticTask(task=1, classes=6, size=32)
     images, masks = task.sample(3, seed=5)
     again, same_masks = task.sample(3, seed=5)
     torch.testing.assert_close(images, again, rtol=0, atol=0)
     assert torch.equal(masks, same_masks)
     assert images.shape == (3, 3, 32, 32) and masks.shape == (3, 32, 32) and masks.dtype == torch.long
     torch.testing.assert_close(images.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
-    other = train_quality.SyntheticTask(task=0, classes=6, size=32)
+    other = _tq_data.SyntheticTask(task=0, classes=6, size=32)
     assert not torch.equal(task.textures(), other.textures())
 
 
 def test_synthetic_task_rejects_too_many_classes() -> None:
     with pytest.raises(ValueError, match="2 to 12 classes"):
-        train_quality.SyntheticTask(task=0, classes=13, size=32)
+        _tq_data.SyntheticTask(task=0, classes=13, size=32)
 
 
 def test_mean_iou_ignores_unlabelled_pixels() -> None:
     masks = torch.tensor([[[0, 1], [-1, 1]]])
-    logits = torch.nn.functional.one_hot(torch.tensor([[[0, 1], [0, 1]]]), 2).permute(0, 3, 1, 2).float()
-    assert train_quality.mean_iou([logits], [(torch.zeros(1), masks)], classes=2) == (100.0, 100.0)
+    logits = F.one_hot(torch.tensor([[[0, 1], [0, 1]]]), 2).permute(0, 3, 1, 2).float()
+    assert _tq_experiment.mean_iou([logits], [(torch.zeros(1), masks)], classes=2) == (100.0, 100.0)
 
 
 def test_parse_lr() -> None:
@@ -54,8 +60,15 @@ def test_parse_lr() -> None:
     assert train_quality.parse_lr("adamw=5e-4", ["sgd", "adamw"]) == {"sgd": 0.01, "adamw": 5e-4}
 
 
+def test_shares_the_common_options() -> None:
+    args = train_quality.parse_args(["--quick"])
+    assert args.threads == 1 and args.tag == "" and args.out is None  # None: _common.Run picks results/tmp/
+    assert _common.Run("train_quality", args).path(".json").parent == _common.QUICK_RESULTS
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    # A subprocess: the script as a user runs it, its sibling modules found from its own folder.
     out = tmp_path_factory.mktemp("train_quality")
     command = [sys.executable, str(BENCHMARKS / "train_quality.py"), "--quick", "--device", "cpu", "--out", str(out)]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
@@ -71,6 +84,7 @@ def test_quick_run_records_environment(quick_run: tuple[dict[str, Any], str]) ->
     assert "--quick" in env["command"] and env["timestamp"]
     assert env["device"]["cpu"] and "device:" in markdown and "command:" in markdown
     assert record["settings"]["protocols"] == ["scratch", "finetune"] and record["settings"]["threads"] == 1
+    assert env["device"]["torch_threads"] == 1
 
 
 def test_quick_run_summarizes_every_config(quick_run: tuple[dict[str, Any], str]) -> None:
@@ -78,24 +92,57 @@ def test_quick_run_summarizes_every_config(quick_run: tuple[dict[str, Any], str]
     modes = record["settings"]["modes"]
     summary = {(e["protocol"], e["mode"]): e for e in record["summary"]}
     assert set(summary) == {(p, m) for p in ("scratch", "finetune") for m in modes}
-    for (_, mode), entry in summary.items():
-        assert isinstance(entry["miou_mean"], float) and entry["seeds"] == [0]
-        if mode != "none":
-            assert len(entry["diff_vs_none"]) == 1 and "diff_vs_none_mean" in entry
+    runs = {(r["protocol"], r["mode"]): r for r in record["runs"]}
+    for key, entry in summary.items():
+        assert entry["seeds"] == [0] and entry["miou_mean"] == pytest.approx(runs[key]["miou"])
+        if key[1] != "none":
+            assert entry["diff_vs_none"] == pytest.approx([runs[key]["miou"] - runs[key[0], "none"]["miou"]])
     for heading in ("scratch: mIoU", "finetune: paired difference", "Step-0 gradient RMS", "fxeq.finalize"):
         assert heading in markdown
     assert record["pretraining"] and record["pretraining"][0]["iters"] == record["settings"]["pretrain_iters"]
 
 
-def test_quick_run_records_gradients_and_finalize(quick_run: tuple[dict[str, Any], str]) -> None:
+def test_quick_run_gradient_of_none_matches_an_independent_step(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    settings = record["settings"]
+    run = next(r for r in record["runs"] if (r["protocol"], r["mode"], r["seed"]) == ("scratch", "none", 0))
+    slices = record["sites"]["PSPNet/resnet18"]["fusing_convs"]
+
+    # Step 0 of train(): the seed-0 model, the first batch of task B's seed-0 stream, dropout seeded by the seed.
+    model = _common.build_smp("PSPNet", "resnet18", classes=settings["classes"], seed=0).train()
+    task = _tq_data.SyntheticTask(_tq_data.TASK_B, settings["classes"], settings["size"])
+    images, masks = task.sample(settings["batch"], _tq_data.stream_seed(0, 0))
+    torch.manual_seed(0)
+    F.cross_entropy(model(images), masks, ignore_index=_tq_data.IGNORE).backward()
+    for conv, channel_slices in slices.items():
+        grad = model.get_submodule(conv).weight.grad.double()
+        expected = [grad[:, a:b].pow(2).mean().sqrt().item() for a, b in channel_slices]
+        assert run["grad_rms_step0"][conv] == pytest.approx(expected, rel=1e-3)
+
+
+def test_quick_run_reparam_gradient_is_init_gradient_over_sigma(quick_run: tuple[dict[str, Any], str]) -> None:
     record, _ = quick_run
     convs = record["sites"]["PSPNet/resnet18"]["fusing_convs"]
     assert convs
-    for run in record["runs"]:
+    runs = {(r["protocol"], r["mode"], r["seed"]): r for r in record["runs"]}
+    for (protocol, mode, seed), run in runs.items():
         assert set(run["grad_rms_step0"]) == set(convs)
-        for conv, slices in convs.items():
-            assert len(run["grad_rms_step0"][conv]) == len(slices)
-        if run["mode"] == "reparam":
-            assert run["finalize"]["max_abs_logit_diff"] >= 0.0 and "miou_before" in run["finalize"]
-        if run["mode"] != "none":
-            assert run["disequilibrium"]
+        if mode != "reparam":
+            continue
+        init = runs[protocol, "init", seed]
+        assert run["sigma"] == init["sigma"]  # the same calibration
+        for conv, sigma in run["sigma"].items():
+            assert len(sigma) == len(convs[conv])
+            expected = [g / s for g, s in zip(init["grad_rms_step0"][conv], sigma)]
+            assert run["grad_rms_step0"][conv] == pytest.approx(expected, rel=1e-3)
+
+
+def test_quick_run_finalize_of_reparam_keeps_the_logits(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    finalized = [r for r in record["runs"] if r["mode"] == "reparam"]
+    assert finalized
+    for run in finalized:
+        # Baking W_raw * (1 / sigma) into the weight computes the same weight: the logits do not move.
+        assert run["finalize"]["max_abs_logit_diff"] <= 1e-4
+        assert run["finalize"]["changed_predictions"] == 0.0 and run["finalize"]["notes"] == []
+        assert run["finalize"]["miou_before"] == pytest.approx(run["miou"])

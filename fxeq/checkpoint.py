@@ -19,21 +19,32 @@ writes a checkpoint for the same model class. The rules here keep that safe:
 * A converted checkpoint and its report are written as a unit
   (:func:`save_converted`): the report first, then the checkpoint, so that
   there is never a converted checkpoint without its report.
+
+Hugging Face ``save_pretrained`` folders (``config.json`` and the weights,
+often a ``preprocessor_config.json``) are checkpoints too. They are read with
+``from_pretrained(folder, local_files_only=True)`` (:func:`load_pretrained`,
+which needs the optional ``transformers``: ``pip install 'fxeq[hf]'``) and
+written by :func:`save_converted_folder`: into a temporary folder beside the
+output, with the report inside it as ``fxeq.json``, then renamed into place
+in one step. A folder with ``fxeq.json`` counts as converted, as a file with
+a report beside it does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 import safetensors.torch
@@ -41,11 +52,17 @@ import torch
 from torch import nn
 
 __all__ = [
-    "OUTPUT_SUFFIXES", "check_not_converted", "check_output", "converted_report", "load_into", "load_state_dict",
-    "report_path", "save_converted", "save_state_dict", "sha256", "unwrap_state_dict",
+    "FOLDER_REPORT", "OUTPUT_SUFFIXES", "PREPROCESSOR_CONFIG", "check_not_converted", "check_output",
+    "check_output_folder", "converted_report", "is_pretrained_folder", "load_image_processor", "load_into",
+    "load_pretrained", "load_state_dict", "report_path", "save_converted", "save_converted_folder",
+    "save_pretrained", "save_state_dict", "sha256", "unwrap_state_dict",
 ]
 
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth")
+FOLDER_REPORT = "fxeq.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_PRETRAINED_CONFIG = "config.json"
+_HF_EXTRA = "pip install 'fxeq[hf]'"
 _WRAPPER_KEYS = ("state_dict", "model")
 _SHOWN_KEYS = 5
 
@@ -117,8 +134,9 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(
-            f"checkpoint {path} is a folder; expected a checkpoint file: a state_dict saved as .pt/.pth "
-            "(torch.save) or .safetensors"
+            f"checkpoint {path} is a folder without {_PRETRAINED_CONFIG}, so not a Hugging Face save_pretrained "
+            "folder either; expected a checkpoint file: a state_dict saved as .pt/.pth (torch.save) or "
+            ".safetensors, or a folder written by save_pretrained"
         )
     if not path.is_file():
         raise FileNotFoundError(
@@ -206,13 +224,107 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-def check_output(path: str | Path, *, source: str | Path, force: bool = False) -> Path:
+def is_pretrained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by Hugging Face ``save_pretrained`` (it holds ``config.json``).
+
+    Example:
+        >>> is_pretrained_folder("model.pt")
+        False
+    """
+    return Path(path, _PRETRAINED_CONFIG).is_file()
+
+
+def load_pretrained(folder: str | Path, model_class: Any = None, **kwargs: Any) -> nn.Module:
+    """Build the model in a ``save_pretrained`` folder with its weights, from local files only.
+
+    Every weight must fit: ``from_pretrained`` initializes missing weights at
+    random and drops unexpected ones with a warning; here either is an error,
+    as a checkpoint file's keys must fit its model exactly.
+
+    Args:
+        folder: the folder.
+        model_class: a class with ``from_pretrained``. Default:
+            ``transformers.AutoModelForSemanticSegmentation``, which picks the
+            class from ``config.json``.
+        kwargs: more keyword arguments for ``from_pretrained``.
+
+    Returns:
+        The model, in eval mode (as ``from_pretrained`` returns it).
+
+    Raises:
+        ValueError: transformers is not installed, the folder cannot be
+            loaded with that class, or its weights do not fit it.
+        TypeError: ``model_class`` has no ``from_pretrained``.
+    """
+    folder = Path(folder)
+    transformers = _transformers(folder)
+    cls = model_class if model_class is not None else transformers.AutoModelForSemanticSegmentation
+    name = getattr(cls, "__name__", type(cls).__name__)
+    if not callable(getattr(cls, "from_pretrained", None)):
+        raise TypeError(
+            f"{name} has no from_pretrained method, so it cannot load the save_pretrained folder {folder}; name a "
+            "transformers model class such as transformers:SegformerForSemanticSegmentation"
+        )
+    try:
+        with _quiet(transformers):
+            model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # whatever from_pretrained raises is about the folder, the class or the kwargs
+        raise ValueError(
+            f"could not load {folder} with {name}.from_pretrained ({_load_error(e)}); expected a folder written "
+            "by save_pretrained for a model of that class. Name the model's class with --model if config.json "
+            "does not map to a segmentation model."
+        ) from e
+    unfit = [
+        f"{what}: {len(keys)} ({_first(sorted(map(str, keys)))})"
+        for what, keys in (("missing keys", info.get("missing_keys") or ()),
+                           ("unexpected keys", info.get("unexpected_keys") or ()),
+                           ("keys of another shape", info.get("mismatched_keys") or ()))
+        if keys
+    ]
+    if unfit:
+        raise ValueError(
+            f"the weights in {folder} do not fit {type(model).__name__}: {'; '.join(unfit)}. from_pretrained would "
+            "initialize the missing ones at random. Check that config.json describes the model the weights were "
+            "saved from, or name its class with --model."
+        )
+    return model
+
+
+def save_pretrained(model: Any, folder: str | Path) -> None:
+    """``model.save_pretrained(folder)``, without transformers' progress bars."""
+    with _quiet(_transformers(Path(folder))):
+        model.save_pretrained(folder)
+
+
+def load_image_processor(folder: str | Path) -> Any | None:
+    """The image processor of a ``save_pretrained`` folder, or None if it has no ``preprocessor_config.json``.
+
+    Raises:
+        ValueError: transformers is not installed, or the file cannot be read.
+    """
+    folder = Path(folder)
+    if not (folder / PREPROCESSOR_CONFIG).is_file():
+        return None
+    transformers = _transformers(folder)
+    try:
+        with _quiet(transformers):
+            return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # whatever from_pretrained raises is about the file
+        raise ValueError(
+            f"could not read the image processor in {folder / PREPROCESSOR_CONFIG} ({_load_error(e)}); expected "
+            "a file written by an image processor's save_pretrained"
+        ) from e
+
+
+def check_output(
+    path: str | Path, *, source: str | Path | Sequence[str | Path], force: bool = False
+) -> Path:
     """Validate an output checkpoint path before any work is done.
 
     Args:
         path: the output; its suffix picks the format (:data:`OUTPUT_SUFFIXES`).
-        source: the input checkpoint, which is never overwritten: neither by
-            ``path`` nor by its report, links resolved.
+        source: the input checkpoint (or several input files), which is never
+            overwritten: neither by ``path`` nor by its report, links resolved.
         force: allow replacing an existing output and its report. Default: False.
 
     Returns:
@@ -228,14 +340,16 @@ def check_output(path: str | Path, *, source: str | Path, force: bool = False) -
         >>> str(check_output("converted.safetensors", source="model.pt"))
         'converted.safetensors'
     """
-    path, source = Path(path), Path(source)
+    path = Path(path)
     _check_suffix(path)
     for written, what in ((path, "the output"), (report_path(path), "the output's report")):
-        if _same_file(written, source):
-            raise ValueError(
-                f"{what} {written} is the input checkpoint {source}; fxeq never overwrites its input, even "
-                "with --force. Write to a new file, e.g. with .fxeq before the suffix."
-            )
+        for i, given in enumerate(_paths(source)):
+            if _same_file(written, given):
+                raise ValueError(
+                    f"{what} {written} is the input {'checkpoint ' if i == 0 else ''}{given}; "
+                    "fxeq never overwrites its input, even with --force. Write to a new file, e.g. with .fxeq "
+                    "before the suffix."
+                )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it first")
     for existing in (path, report_path(path)):
@@ -246,6 +360,64 @@ def check_output(path: str | Path, *, source: str | Path, force: bool = False) -
             )
         if os.path.lexists(existing) and not force:
             raise FileExistsError(f"{existing} exists; pass --force to replace it, or choose another output")
+    return path
+
+
+def check_output_folder(
+    path: str | Path, *, source: str | Path | Sequence[str | Path], force: bool = False
+) -> Path:
+    """Validate an output ``save_pretrained`` folder before any work is done.
+
+    Args:
+        path: the folder to write (with the report inside, as :data:`FOLDER_REPORT`).
+        source: the input folder (or several inputs). ``path`` may be neither
+            an input nor a folder holding one, links resolved: replacing it
+            would delete that input.
+        force: allow replacing an existing folder, if ``save_pretrained`` or
+            fxeq wrote it (it holds ``config.json`` or the report) or it is
+            empty; never any other folder. Default: False.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: ``path`` ends in a checkpoint file's suffix, is or holds an
+            input, or is a folder that ``force`` may not replace.
+        NotADirectoryError: a file is in the way.
+        FileExistsError: the folder exists and ``force`` is False.
+        FileNotFoundError: the folder it would be in does not exist.
+
+    Example:
+        >>> str(check_output_folder("segformer-fxeq", source="segformer"))
+        'segformer-fxeq'
+    """
+    path = Path(path)
+    if path.suffix in OUTPUT_SUFFIXES:
+        raise ValueError(
+            f"the input is a Hugging Face save_pretrained folder, so the output is one too, and {path} ends in "
+            f"{path.suffix}; pass a folder path without it, e.g. {path.with_suffix('')}-fxeq"
+        )
+    for given in _paths(source):
+        if path.resolve() == given.resolve() or path.resolve() in given.resolve().parents:
+            raise ValueError(
+                f"the output {path} is the input {given} or holds it; fxeq never overwrites its input, even with "
+                "--force. Write to a new folder."
+            )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it first")
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{path} exists and is not a folder, where fxeq would write a save_pretrained folder (even with "
+                "--force, it replaces folders only); choose another output, or move it away"
+            )
+        if not force:
+            raise FileExistsError(f"{path} exists; pass --force to replace it, or choose another output")
+        if any(path.iterdir()) and not (is_pretrained_folder(path) or (path / FOLDER_REPORT).is_file()):
+            raise ValueError(
+                f"{path} holds files but neither {_PRETRAINED_CONFIG} nor {FOLDER_REPORT}: even with --force, fxeq "
+                "replaces only folders that save_pretrained or fxeq wrote, or empty ones; choose another output"
+            )
     return path
 
 
@@ -261,15 +433,18 @@ def report_path(checkpoint: str | Path) -> Path:
 
 
 def converted_report(checkpoint: str | Path) -> Path | None:
-    """The report beside a checkpoint that ``fxeq convert`` wrote, or None for any other checkpoint.
+    """The report of a checkpoint that fxeq wrote, or None for any other checkpoint.
 
-    Links are resolved first: a link to a converted checkpoint is a converted checkpoint.
+    For a file, the report lies beside it (:func:`report_path`); for a
+    ``save_pretrained`` folder, inside it (:data:`FOLDER_REPORT`). Links are
+    resolved first: a link to a converted checkpoint is a converted checkpoint.
 
     Example:
         >>> converted_report("model.pt") is None
         True
     """
-    report = report_path(Path(checkpoint).resolve())
+    path = Path(checkpoint).resolve()
+    report = path / FOLDER_REPORT if path.is_dir() else report_path(path)
     return report if report.exists() else None
 
 
@@ -282,12 +457,14 @@ def check_not_converted(path: str | Path) -> None:
     weights a second time.
 
     Raises:
-        ValueError: ``path``, or the file it links to, has a report beside it.
+        ValueError: ``path``, or the file it links to, has a report beside it
+            (a folder: inside it).
     """
     report = converted_report(path)
     if report is not None:
         raise ValueError(
-            f"{path} was written by fxeq convert ({report} lies beside it); converting it again would "
+            f"{path} was written by fxeq convert ({report} lies {'in' if report.name == FOLDER_REPORT else 'beside'}"
+            " it); converting it again would "
             "divide the fusing convs' weights twice. Convert the original checkpoint instead (or delete "
             "that report if it does not belong to this file)."
         )
@@ -363,8 +540,72 @@ def save_converted(
     return report_file
 
 
+def save_converted_folder(
+    save: Callable[[Path], object],
+    path: str | Path,
+    report: Mapping[str, Any],
+    *,
+    force: bool = False,
+    copy: Sequence[str | Path] = (),
+) -> Path:
+    """Write a converted ``save_pretrained`` folder with its JSON report inside, as a unit.
+
+    ``save`` (e.g. ``model.save_pretrained``) writes into a new temporary
+    folder beside ``path``; the files in ``copy`` are copied in, then the
+    report, which records the folder's path and SHA-256 (:func:`sha256`) under
+    ``"output"``, as :data:`FOLDER_REPORT`. The folder is then renamed to
+    ``path`` in one step, so that readers see no folder or a complete one.
+    Without ``force`` an empty placeholder claims the name first (it fails if
+    the name is taken) and the rename replaces it, so a folder that appeared
+    after :func:`check_output_folder` is left alone. With ``force`` an
+    existing folder is moved aside, replaced, then deleted.
+
+    Args:
+        save: writes the model into the folder it is given.
+        path: the folder to write.
+        report: the report, as a JSON-serializable mapping.
+        force: replace an existing folder (checked by :func:`check_output_folder`). Default: False.
+        copy: files to copy into the folder, such as the input's
+            ``preprocessor_config.json``. Default: none.
+
+    Returns:
+        The report's path.
+
+    Raises:
+        FileExistsError: ``force`` is False and ``path`` exists.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save_converted_folder(lambda f: (f / "config.json").write_text("{}"), Path(d) / "out", {})
+        ...     sorted(p.name for p in (Path(d) / "out").iterdir())
+        ['config.json', 'fxeq.json']
+    """
+    path = Path(path)
+    with _staged(path) as tmp:
+        tmp.mkdir()
+        save(tmp)
+        for file in map(Path, copy):
+            shutil.copyfile(file, tmp / file.name)
+        record = {**report, "output": {"path": str(path.resolve()), "sha256": sha256(tmp)}}
+        (tmp / FOLDER_REPORT).write_text(json.dumps(record, indent=2) + "\n")
+        _place_folder(tmp, path, replace=force)
+    return path / FOLDER_REPORT
+
+
 def sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
+    """The SHA-256 of a file's bytes, in hex; for a folder, of its manifest.
+
+    A folder's manifest has one line ``"<SHA-256>  <name>\\n"`` per file at its
+    top level but :data:`FOLDER_REPORT`, sorted by name: it identifies a
+    ``save_pretrained`` folder's config and weights, and equals the digest
+    that :func:`save_converted_folder` records before it adds the report.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name != FOLDER_REPORT)
+        manifest = "".join(f"{sha256(f)}  {f.name}\n" for f in files)
+        return hashlib.sha256(manifest.encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -374,7 +615,7 @@ def sha256(path: str | Path) -> str:
 
 @contextlib.contextmanager
 def _staged(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, removed when the block ends: done, failed or stopped.
+    """A temporary path beside ``path``, removed when the block ends: done, failed or stopped (a file or folder).
 
     While it exists, SIGTERM raises ``SystemExit`` (as Ctrl-C raises
     ``KeyboardInterrupt``) so that the removal runs, unless the program
@@ -396,7 +637,7 @@ def _staged(path: Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if catch:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -416,19 +657,62 @@ def _place(tmp: Path, path: Path, *, replace: bool) -> None:
     Raises:
         FileExistsError: ``replace`` is False and ``path`` exists.
     """
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
+    _finish(tmp)
     if replace:
         os.replace(tmp, path)
         return
     try:
         _claim(tmp, path)
     except FileExistsError as e:
-        raise FileExistsError(
-            f"{path} appeared while fxeq was writing (another fxeq convert to the same output?) and was left "
-            "as it is; choose another output, or pass --force to replace it"
-        ) from e
+        raise FileExistsError(_appeared(path)) from e
+
+
+def _appeared(path: Path) -> str:
+    return (
+        f"{path} appeared while fxeq was writing (another fxeq convert to the same output?) and was left as it "
+        "is; choose another output, or pass --force to replace it"
+    )
+
+
+def _place_folder(tmp: Path, path: Path, *, replace: bool) -> None:
+    """Rename a finished temporary folder to ``path``; unless ``replace``, only if ``path`` is free.
+
+    Its files are synced and given a new file's permissions first. Without
+    ``replace``, or when nothing has the name, an empty folder claims it
+    (``mkdir`` fails if the name is taken) and ``rename`` replaces that in one
+    step (it fails if anything was written into it meanwhile). With
+    ``replace``, the existing folder is moved aside, the new one put in its
+    place, then the old one deleted; if the second step fails, the old one
+    is put back.
+
+    Raises:
+        FileExistsError: ``replace`` is False and ``path`` exists.
+    """
+    for file in tmp.iterdir():
+        if file.is_file():
+            _finish(file)
+    if not (replace and os.path.lexists(path)):
+        try:
+            os.mkdir(path)
+        except FileExistsError as e:
+            raise FileExistsError(_appeared(path)) from e
+        try:
+            os.rename(tmp, path)
+        except BaseException as e:  # Ctrl-C and SIGTERM too: no placeholder may stay
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # the placeholder, while it is empty
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(_appeared(path)) from e  # something was written into the placeholder
+            raise
+        return
+    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _remove(old)
 
 
 def _claim(tmp: Path, path: Path) -> None:
@@ -446,6 +730,21 @@ def _claim(tmp: Path, path: Path) -> None:
             raise
     else:
         tmp.unlink()
+
+
+def _finish(file: Path) -> None:
+    """Sync a written file to disk and give it a new file's permissions (safetensors writes owner-only files)."""
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder (with what it holds), if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _restore(path: Path, previous: bytes | None) -> None:
@@ -510,3 +809,34 @@ def _first(keys: Any) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:_SHOWN_KEYS])
     return (shown + (", ..." if len(keys) > _SHOWN_KEYS else "")) or "none"
+
+
+def _paths(given: str | Path | Sequence[str | Path]) -> list[Path]:
+    return [Path(given)] if isinstance(given, (str, os.PathLike)) else [Path(p) for p in given]
+
+
+def _transformers(folder: Path) -> ModuleType:
+    """transformers, or an error naming the extra that installs it."""
+    try:
+        import transformers  # noqa: PLC0415 - optional: only save_pretrained folders need it
+    except ImportError as e:
+        raise ValueError(
+            f"{folder} is a Hugging Face save_pretrained folder (it holds {_PRETRAINED_CONFIG}); reading it needs "
+            f"the transformers package, which is not installed. Install fxeq's Hugging Face extra: {_HF_EXTRA}"
+        ) from e
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers: ModuleType) -> Iterator[None]:
+    """transformers without its progress bars and warnings: fxeq reports what matters itself."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

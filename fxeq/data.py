@@ -5,10 +5,17 @@ command line needs batches from image files: :func:`calibration_loader` finds
 the images under a folder, decodes them with ``torchvision.io.decode_image``
 (8- and 16-bit, grayscale, palette and RGBA files alike, as RGB), resizes
 (shorter side) and center-crops them to one size, scales them to 0..1 by
-their bit depth, normalizes them as the model was trained, and batches them.
-Calibration runs batch normalization with batch statistics, which fails on
-batches of one sample where a feature map is 1x1 (ASPP image pooling), so the
-loader insists on batches of at least two.
+their bit depth, normalizes them as the model was trained, and batches them;
+or hands each decoded image to a model's own preprocessing (a Hugging Face
+image processor, through :class:`ImageProcessorTransform`). Calibration runs
+batch normalization with batch statistics, which fails on batches of one
+sample where a feature map is 1x1 (ASPP image pooling), so the loader insists
+on batches of at least two, and never drops an image to get them.
+
+Under ``torchrun`` each process calibrates on its own share of the batches
+(:class:`BatchShard`: batch ``k`` goes to rank ``k % world_size``), and fxeq
+merges the statistics of all ranks. The batches are the ones a single process
+would form, so the merged statistics equal a single process's.
 
 :func:`generate_images` writes synthetic multi-scale textures for ``fxeq demo``,
 so that the demo runs with nothing downloaded. They exercise the pipeline; they
@@ -21,8 +28,10 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +41,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 __all__ = [
-    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "ImageFiles", "UnreadableImageError",
-    "calibration_loader", "find_images", "generate_images",
+    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "BatchShard", "CalibrationImageError",
+    "ImageFiles", "ImageProcessorTransform", "UnreadableImageError", "calibration_loader", "find_images",
+    "generate_images",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -44,7 +54,15 @@ _KINDS = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _CPP_LOCATION = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes its errors with the C++ source line
 
 
-class UnreadableImageError(ValueError):
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+"""One decoded image, ``uint8`` of shape ``(3, H, W)``, → the model's input for it, ``(3, h, w)`` float."""
+
+
+class CalibrationImageError(ValueError):
+    """The calibration images cannot be used as they are: unreadable, or of different sizes once preprocessed."""
+
+
+class UnreadableImageError(CalibrationImageError):
     """A calibration file is not an image that can be decoded."""
 
 
@@ -99,12 +117,16 @@ class ImageFiles(Dataset[torch.Tensor]):
     resized so that its shorter side is ``size``, center-cropped to ``size``
     x ``size``, scaled to 0..1 by its bit depth (a 16-bit PNG by 65535) and
     normalized with ``mean`` and ``std`` (per channel, on the 0..1 scale).
+    With ``preprocess``, the decoded image (scaled to ``uint8``) goes to it
+    instead, and ``size``, ``mean`` and ``std`` are not used.
 
     Args:
         paths: the image files.
         size: output height and width. Default: 512.
         mean: per-channel mean. Default: ImageNet's.
         std: per-channel std. Default: ImageNet's.
+        preprocess: the model's own preprocessing, e.g. an
+            :class:`ImageProcessorTransform`. Default: None.
 
     Raises:
         UnreadableImageError: on indexing, when the file cannot be decoded.
@@ -125,16 +147,20 @@ class ImageFiles(Dataset[torch.Tensor]):
         size: int = 512,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        preprocess: Preprocess | None = None,
     ) -> None:
         self.paths = list(paths)
         self.size = size
-        # Resize before the float conversion: the integer path keeps flat colours exact, and is faster.
-        self.transform = v2.Compose([
-            v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ])
+        self.transform: Preprocess
+        if preprocess is not None:
+            self.transform = v2.Compose([v2.ToDtype(torch.uint8, scale=True), preprocess])
+        else:  # resize before the float conversion: the integer path keeps flat colours exact, and is faster
+            self.transform = v2.Compose([
+                v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+                v2.CenterCrop(size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(mean), list(std)),
+            ])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -148,6 +174,61 @@ class ImageFiles(Dataset[torch.Tensor]):
         return self.transform(image)
 
 
+class ImageProcessorTransform:
+    """A Hugging Face image processor as a :data:`Preprocess`: one decoded image → its ``pixel_values``.
+
+    The processor resizes, rescales and normalizes as the model's
+    ``preprocessor_config.json`` says. Nothing here imports transformers: any
+    object called as ``processor(images=image, return_tensors="pt",
+    input_data_format="channels_first")`` that returns a mapping with a
+    ``"pixel_values"`` batch works.
+
+    Example:
+        >>> class Halve:
+        ...     def __call__(self, images, **kwargs):
+        ...         return {"pixel_values": images[None].float() / 2}
+        >>> ImageProcessorTransform(Halve())(torch.full((3, 2, 2), 8, dtype=torch.uint8))[:, 0, 0].tolist()
+        [4.0, 4.0, 4.0]
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.processor(images=image, return_tensors="pt", input_data_format="channels_first")
+        return out["pixel_values"][0]
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """A batch sampler: one rank's share of the calibration batches.
+
+    ``batches`` are every rank's batches (lists of image indices), formed as
+    one process would form them; this rank iterates batch ``k`` for every
+    ``k % world_size == rank``. Each image is on exactly one rank.
+
+    Example:
+        >>> shard = BatchShard(((0, 1), (2, 3), (4, 5, 6)), rank=1, world_size=2)
+        >>> list(shard), len(shard)
+        ([[2, 3]], 1)
+    """
+
+    batches: tuple[tuple[int, ...], ...]
+    rank: int = 0
+    world_size: int = 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(batch) for batch in self.batches[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(self.batches[self.rank::self.world_size])
+
+    @property
+    def images(self) -> int:
+        """Images in all ranks' batches together."""
+        return sum(map(len, self.batches))
+
+
 def calibration_loader(
     folder: str | Path,
     *,
@@ -155,12 +236,17 @@ def calibration_loader(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     batch_size: int = 4,
+    preprocess: Preprocess | None = None,
+    num_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader[torch.Tensor]:
     """Batches of the images under ``folder``, ready for calibration.
 
-    Batches hold at least two images: a last batch of one image is dropped,
-    because batch normalization with batch statistics needs two samples where
-    a feature map is 1x1.
+    Batches hold at least two images, because batch normalization with batch
+    statistics needs two samples where a feature map is 1x1: a last image
+    left on its own joins the batch before it (``batch_size + 1`` images), so
+    that no image is dropped.
 
     Args:
         folder: searched recursively for :data:`IMAGE_SUFFIXES` files.
@@ -169,15 +255,26 @@ def calibration_loader(
         mean: per-channel normalization mean, 0..1 scale. Default: ImageNet's.
         std: per-channel normalization std. Default: ImageNet's.
         batch_size: images per batch, at least 2. Default: 4.
+        preprocess: the model's own preprocessing instead of ``size``,
+            ``mean`` and ``std`` (see :class:`ImageFiles`). Default: None.
+        num_batches: use only the first this many batches (of all ranks
+            together). Default: all.
+        rank: this process's rank under ``torch.distributed``. Default: 0.
+        world_size: the number of processes; each takes its share of the
+            batches (:class:`BatchShard`). Default: 1.
 
     Returns:
-        A DataLoader of ``(batch, 3, size, size)`` tensors, in file order.
+        A DataLoader of ``(batch, 3, size, size)`` tensors, in file order,
+        whose ``batch_sampler`` is a :class:`BatchShard`.
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
-        ValueError: bad size, mean, std or batch size, or fewer than two images.
+        ValueError: bad size, mean, std, batch size or rank, fewer than two
+            images, or fewer batches than ranks.
         UnreadableImageError: a file whose header is not an image's; a file
             that fails to decode later raises it while iterating.
+        CalibrationImageError: while iterating, when ``preprocess`` gives the
+            images of one batch different sizes.
 
     Example:
         >>> import tempfile
@@ -185,7 +282,7 @@ def calibration_loader(
         ...     for i in range(5):
         ...         Image.new("RGB", (24, 20)).save(Path(d) / f"{i}.png")
         ...     [tuple(b.shape) for b in calibration_loader(d, size=8, batch_size=2)]
-        [(2, 3, 8, 8), (2, 3, 8, 8)]
+        [(2, 3, 8, 8), (3, 3, 8, 8)]
     """
     if size < 1:
         raise ValueError(f"the image size must be a positive number of pixels, got {size}")
@@ -201,6 +298,8 @@ def calibration_loader(
             "with batch statistics (as in training), which needs 2 samples per batch where a feature map "
             "is 1x1 (e.g. ASPP image pooling). Use a batch size of 2 or more."
         )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     paths = find_images(folder)
     if len(paths) < 2:
         raise ValueError(
@@ -208,13 +307,21 @@ def calibration_loader(
             f"statistics needs 2 samples per batch). Add {_KINDS} images from the training set; a few hundred "
             "give stable statistics."
         )
+    batches = _batches(len(paths), batch_size)[:num_batches]
+    if len(batches) < world_size:
+        raise ValueError(
+            f"found {_plural(len(paths), 'image')} in {folder}, which make {_plural(len(batches), 'batch', 'batches')}"
+            f" of up to {max(map(len, batches))}, fewer than the {world_size} processes calibrating: each process "
+            "calibrates on whole batches of its own. Add images, lower the batch size (at least 2), or start at "
+            f"most {_plural(len(batches), 'process', 'processes')}."
+        )
     for path in paths:  # fail before any work on a file that is not an image (reads headers only)
         try:
             Image.open(path).close()
         except OSError as e:
             raise _unreadable(path, e) from e
-    dataset = ImageFiles(paths, size=size, mean=mean, std=std)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=len(paths) % batch_size == 1)
+    dataset = ImageFiles(paths, size=size, mean=mean, std=std, preprocess=preprocess)
+    return DataLoader(dataset, batch_sampler=BatchShard(batches, rank, world_size), collate_fn=_stack)
 
 
 def generate_images(folder: str | Path, count: int, *, size: int = 128, seed: int = 0) -> list[Path]:
@@ -260,6 +367,37 @@ def generate_images(folder: str | Path, count: int, *, size: int = 128, seed: in
         Image.fromarray(pixels.numpy()).save(path)
         files.append(path)
     return files
+
+
+def _batches(count: int, batch_size: int) -> tuple[tuple[int, ...], ...]:
+    """Consecutive batches of ``batch_size`` indices; a last index on its own joins the batch before it.
+
+    Example:
+        >>> _batches(5, 2), _batches(6, 4)
+        (((0, 1), (2, 3, 4)), ((0, 1, 2, 3), (4, 5)))
+    """
+    batches = [tuple(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    return tuple(batches)
+
+
+def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Collate preprocessed images into a batch; a clear error when their sizes differ."""
+    shapes = [tuple(x.shape) for x in images]
+    if len(set(shapes)) > 1:
+        other = next(s for s in shapes if s != shapes[0])
+        raise CalibrationImageError(
+            f"the preprocessing gave the images of one batch different sizes ({_shape(shapes[0])} and "
+            f"{_shape(other)}), so they cannot be batched; expected one size. Make the image processor resize to "
+            'a fixed size (e.g. "size": {"height": 512, "width": 512} in preprocessor_config.json), or resize '
+            "the images to one size first."
+        )
+    return torch.stack(list(images))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _unreadable(path: Path, error: Exception) -> UnreadableImageError:

@@ -1,4 +1,4 @@
-"""Tiny models for the command-line tests, importable as ``cli_models:NAME``.
+"""Tiny models and helpers for the command-line tests; the models are importable as ``cli_models:NAME``.
 
 ``tests/`` is put on ``PYTHONPATH`` of each ``python -m fxeq`` subprocess, so
 ``--model cli_models:TinyFuse`` builds them. Inputs are ``(N, 3, 32, 32)``.
@@ -6,9 +6,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxeq.cli import main
+
+TESTS = Path(__file__).parent
 
 
 def _branch(out: int) -> nn.Sequential:
@@ -20,13 +32,16 @@ class TinyFuse(nn.Module):
 
         x ── a ──────────────────────────────┐
         x ── pool/4 ── b ── upsample x4 ─────┴─ cat ── fuse(3x3, bias) ── relu ── head
+
+    ``a_channels`` changes the first slice (and the fusing conv's input), as
+    another configuration of the same architecture would.
     """
 
-    def __init__(self, classes: int = 2) -> None:
+    def __init__(self, classes: int = 2, a_channels: int = 4) -> None:
         super().__init__()
-        self.a = _branch(4)
+        self.a = _branch(a_channels)
         self.b = _branch(6)
-        self.fuse = nn.Conv2d(10, 8, 3, padding=1)
+        self.fuse = nn.Conv2d(a_channels + 6, 8, 3, padding=1)
         self.head = nn.Conv2d(8, classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,3 +59,43 @@ class NoFuse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.a(x))
+
+
+# ---------------------------------------------------------------------------
+# Running the command line
+# ---------------------------------------------------------------------------
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a subprocess, with ``tests/`` importable for ``cli_models``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+
+
+def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m fxeq ARGS`` in ``cwd``, with ``tests/`` importable for ``cli_models``."""
+    return subprocess.run(
+        [sys.executable, "-m", "fxeq", *map(str, args)], cwd=cwd, env=subprocess_env(), capture_output=True,
+        text=True, timeout=300, check=False,
+    )
+
+
+def run_main(*args: object) -> subprocess.CompletedProcess[str]:
+    """``fxeq ARGS`` in this process (paths should be absolute); for module-scoped fixtures, where capsys is not."""
+    out, err = io.StringIO(), io.StringIO()
+    path = list(sys.path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        sys.path[:] = path  # main() puts the current folder on it
+    return subprocess.CompletedProcess(["fxeq", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def assert_fails(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """Exit code ``code``, a ``fxeq: error:`` message holding every word, and no traceback or double period."""
+    assert result.returncode == code, result.stderr
+    assert "fxeq: error: " in result.stderr
+    message = result.stderr.split("fxeq: error: ", 1)[1]
+    for word in words:
+        assert word in message, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not re.search(r"(?<!\.)\.\.(?!\.)", message), message  # ".." but not "..."

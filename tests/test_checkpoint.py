@@ -1,4 +1,5 @@
-"""Checkpoints (fxeq.checkpoint): reading safely, clear refusals, and writing a checkpoint with its report as a unit."""
+"""Checkpoints (fxeq.checkpoint): reading safely, clear refusals, and writing a checkpoint (a file or a
+save_pretrained folder) with its report as a unit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -20,6 +22,7 @@ from fxeq import checkpoint
 from fxeq.checkpoint import (
     check_not_converted,
     check_output,
+    check_output_folder,
     converted_report,
     load_into,
     load_state_dict,
@@ -69,8 +72,10 @@ def test_a_broken_safetensors_file(tmp_path: Path) -> None:
 
 
 def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(IsADirectoryError, match=r"is a folder; expected a checkpoint file: a state_dict saved as "
-                                                r"\.pt/\.pth \(torch\.save\) or \.safetensors"):
+    with pytest.raises(IsADirectoryError, match=r"is a folder without config\.json, so not a Hugging Face "
+                                                r"save_pretrained folder either; expected a checkpoint file: a "
+                                                r"state_dict saved as \.pt/\.pth \(torch\.save\) or \.safetensors, "
+                                                r"or a folder written by save_pretrained"):
         load_state_dict(tmp_path)
 
 
@@ -244,3 +249,167 @@ def test_a_signal_during_the_write_leaves_no_temporary_file(signum: int, status:
     if status is not None:
         assert process.returncode == status
     assert names(out.parent) == []
+
+
+# ---------------------------------------------------------------------------
+# save_pretrained folders: checked, written as a unit, renamed into place
+# ---------------------------------------------------------------------------
+
+def write_model(folder: Path) -> None:
+    """What save_pretrained writes, in miniature (safetensors makes owner-only files)."""
+    (folder / "config.json").write_text('{"model_type": "tiny"}')
+    safetensors.torch.save_file(STATE, folder / "model.safetensors")
+
+
+def test_save_converted_folder_writes_the_model_the_copies_and_the_report_inside(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "preprocessor_config.json").write_text('{"size": 64}')
+    out = tmp_path / "out"
+    report = checkpoint.save_converted_folder(write_model, out, {"sites": []},
+                                              copy=[tmp_path / "in" / "preprocessor_config.json"])
+    assert report == out / "fxeq.json"
+    assert names(out) == ["config.json", "fxeq.json", "model.safetensors", "preprocessor_config.json"]
+    assert (out / "preprocessor_config.json").read_text() == '{"size": 64}'
+    assert json.loads(report.read_text())["output"] == {"path": str(out.resolve()), "sha256": checkpoint.sha256(out)}
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~checkpoint._umask())
+    assert names(tmp_path) == ["in", "out"]
+    assert converted_report(out) == report
+
+
+def test_a_folders_digest_is_that_of_its_top_level_files_but_the_report(tmp_path: Path) -> None:
+    write_model(tmp_path)
+    before = checkpoint.sha256(tmp_path)
+    (tmp_path / "fxeq.json").write_text("{}")
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "optimizer.pt").write_bytes(b"not part of the model")
+    assert checkpoint.sha256(tmp_path) == before
+    safetensors.torch.save_file({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
+    assert checkpoint.sha256(tmp_path) != before
+
+
+@pytest.mark.parametrize("other", ["empty", "filled"])
+def test_a_folder_that_appears_meanwhile_is_left_alone(other: str, tmp_path: Path) -> None:
+    """Without force, an empty placeholder claims the name (rename alone would replace an empty folder)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if other == "filled":
+        (out / "theirs.txt").write_text("another run's")
+    with pytest.raises(FileExistsError, match=r"out appeared while fxeq was writing \(another fxeq convert to the "
+                                              r"same output\?\) and was left as it is; choose another output"):
+        checkpoint.save_converted_folder(write_model, out, {})
+    assert names(out) == ([] if other == "empty" else ["theirs.txt"])
+    assert names(tmp_path) == ["out"]
+
+
+def test_a_folder_written_into_the_placeholder_meanwhile_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    mkdir = os.mkdir
+
+    def then_another_run_writes(path: Any, *args: Any) -> None:
+        mkdir(path, *args)
+        if Path(path) == out:
+            (out / "theirs.txt").write_text("another run's")
+
+    monkeypatch.setattr(os, "mkdir", then_another_run_writes)
+    with pytest.raises(FileExistsError, match=r"out appeared while fxeq was writing"):
+        checkpoint.save_converted_folder(write_model, out, {})
+    assert names(out) == ["theirs.txt"]
+    assert names(tmp_path) == ["out"]
+
+
+def test_force_replaces_an_earlier_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "stale.bin").write_bytes(b"old weights")
+    checkpoint.save_converted_folder(write_model, out, {}, force=True)
+    assert names(out) == ["config.json", "fxeq.json", "model.safetensors"]
+    assert names(tmp_path) == ["out"]  # nothing left aside
+
+
+@pytest.mark.parametrize("step", ["save", "rename"])
+def test_a_failing_folder_write_leaves_the_earlier_folder_as_it_was(
+    step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+
+    def failing_save(folder: Path) -> None:
+        write_model(folder)
+        raise OSError(28, "No space left on device")
+
+    rename = os.rename
+
+    def failing_rename(src: Any, dst: Any) -> None:
+        if Path(src).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    if step == "rename":
+        monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save_converted_folder(failing_save if step == "save" else write_model, out, {}, force=True)
+    assert names(out) == ["config.json"] and (out / "config.json").read_text() == "old"
+    assert names(tmp_path) == ["out"]
+
+
+def test_check_output_folder_accepts_a_new_folder_and_forced_model_or_empty_ones(tmp_path: Path) -> None:
+    assert check_output_folder(tmp_path / "new", source=tmp_path / "in") == tmp_path / "new"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for existing in ("model", "empty"):
+        with pytest.raises(FileExistsError, match=rf"{existing} exists; pass --force to replace it"):
+            check_output_folder(tmp_path / existing, source=tmp_path / "in")
+        check_output_folder(tmp_path / existing, source=tmp_path / "in", force=True)
+
+
+@pytest.mark.parametrize(("output", "error", "words"), [
+    ("out.safetensors", ValueError, r"the input is a Hugging Face save_pretrained folder, so the output is one too, "
+                                    r"and .*out\.safetensors ends in \.safetensors; pass a folder path without it, "
+                                    r"e\.g\. .*out-fxeq"),
+    ("in", ValueError, r"the output .*in is the input .*in or holds it; fxeq never overwrites its input, even with "
+                       r"--force\. Write to a new folder\."),
+    ("link", ValueError, r"the output .*link is the input"),
+    (".", ValueError, r"the output \. is the input .*in or holds it"),
+    ("file", NotADirectoryError, r"file exists and is not a folder, where fxeq would write a save_pretrained folder "
+                                 r"\(even with --force, it replaces folders only\)"),
+    ("notes", ValueError, r"notes holds files but neither config\.json nor fxeq\.json: even with --force, fxeq "
+                          r"replaces only folders that save_pretrained or fxeq wrote, or empty ones"),
+    ("missing/out", FileNotFoundError, r"the output folder .*missing does not exist; create it first"),
+], ids=["suffix", "input", "link-to-input", "holds-the-input", "file-in-the-way", "not-a-model-folder", "no-parent"])
+def test_check_output_folder_refusals(
+    output: str, error: type[Exception], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(error, match=words):
+        check_output_folder(Path(output), source=Path("in"), force=True)
+
+
+def test_a_converted_folder_is_refused_as_input(tmp_path: Path) -> None:
+    checkpoint.save_converted_folder(write_model, tmp_path / "converted", {})
+    with pytest.raises(ValueError, match=r"converted was written by fxeq convert \(.*converted/fxeq\.json lies in "
+                                         r"it\); converting it again would divide .* twice"):
+        check_not_converted(tmp_path / "converted")
+
+
+def test_a_folder_without_transformers_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path)
+    (tmp_path / checkpoint.PREPROCESSOR_CONFIG).write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    message = (r"is a Hugging Face save_pretrained folder \(it holds config\.json\); reading it needs the "
+               r"transformers package, which is not installed\. Install fxeq's Hugging Face extra: "
+               r"pip install 'fxeq\[hf\]'")
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_image_processor(tmp_path)
+    assert checkpoint.is_pretrained_folder(tmp_path) and not checkpoint.is_pretrained_folder(tmp_path / "config.json")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,39 +22,16 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from cli_models import NoFuse, TinyFuse
+from cli_models import NoFuse, TinyFuse, assert_fails, run_cli
 from PIL import Image
 
 from fxeq import __version__, checkpoint
 from fxeq.cli import main
 from fxeq.data import generate_images
 
-TESTS = Path(__file__).parent
 MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
 DATA = ["--size", "32", "--batch-size", "2"]
-
-
-def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m fxeq ARGS`` in ``cwd``, with ``tests/`` importable for ``cli_models``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, "-m", "fxeq", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300, check=False,
-    )
-
-
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
-
-
-def assert_fails(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
-    """Exit code ``code``, a ``fxeq: error:`` message holding every word, and no traceback or double period."""
-    assert result.returncode == code, result.stderr
-    assert "fxeq: error: " in result.stderr
-    message = result.stderr.split("fxeq: error: ", 1)[1]
-    for word in words:
-        assert word in message, result.stderr
-    assert "Traceback" not in result.stderr
-    assert not re.search(r"(?<!\.)\.\.(?!\.)", message), message  # ".." but not "..."
 
 
 def digest(path: Path) -> str:
@@ -174,7 +150,7 @@ def test_convert_leaves_the_input_alone_and_writes_a_report(converted: dict[str,
     assert report["command"][:2] == ["fxeq", "convert"]
     assert report["checkpoint"] == {"path": str(converted["source"].resolve()), "sha256": converted["digest"]}
     assert report["output"]["sha256"] == digest(converted["output"])
-    assert report["model"] == {"spec": "cli_models:TinyFuse", "kwargs": {"classes": 3}}
+    assert report["model"] == {"spec": "cli_models:TinyFuse", "kwargs": {"classes": 3}, "class": "cli_models.TinyFuse"}
     assert report["calibration"]["images"] == 4
     assert {"torch", "torchvision", "fxeq"} <= report["versions"].keys()
     assert sorted(p.name for p in converted["output"].parent.iterdir()) == ["tiny.fxeq.pt", "tiny.fxeq.pt.fxeq.json"]
@@ -513,7 +489,7 @@ def test_version(cli: Run) -> None:
 
 def test_no_command_prints_the_usage(cli: Run) -> None:
     result = cli()
-    assert_fails(result, 2, "no command given", "expected one of convert, inspect, demo", "fxeq COMMAND --help")
+    assert_fails(result, 2, "no command given", "expected one of convert, apply, inspect, demo", "fxeq COMMAND --help")
     assert result.stderr.startswith("usage: fxeq ")
 
 

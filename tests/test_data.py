@@ -1,21 +1,31 @@
-"""Calibration images (fxeq.data): decoding every kind of file, skipped files, and unreadable ones."""
+"""Calibration images (fxeq.data): decoding every kind of file, skipped and unreadable files, batches and ranks."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from fxeq.data import ImageFiles, UnreadableImageError, calibration_loader, find_images, generate_images
-
-RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # no normalization: pixels on the 0..1 scale
+from fxeq.data import (
+    BatchShard,
+    CalibrationImageError,
+    ImageFiles,
+    ImageProcessorTransform,
+    UnreadableImageError,
+    calibration_loader,
+    find_images,
+    generate_images,
+)
 
 
 def pixels(path: Path, size: int = 16) -> torch.Tensor:
-    return ImageFiles([path], size=size, **RAW)[0]
+    """An image on the 0..1 scale (no normalization)."""
+    return ImageFiles([path], size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))[0]
 
 
 def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path: Path) -> None:
@@ -110,3 +120,96 @@ def test_a_truncated_png_names_the_file_when_read(tmp_path: Path) -> None:
     with pytest.raises(UnreadableImageError, match=r"truncated\.png is not a readable image \((?!.*\.cpp:).*corrupt"):
         next(iter(loader))
     assert issubclass(UnreadableImageError, ValueError)
+
+
+# ---------------------------------------------------------------------------
+# Batches: none dropped, sharded across ranks, the model's own preprocessing
+# ---------------------------------------------------------------------------
+
+def _paths_of(loader: DataLoader[torch.Tensor]) -> list[list[str]]:
+    """The file names in each batch of a loader, as its batch sampler gives them to this rank."""
+    paths = cast(ImageFiles, loader.dataset).paths
+    return [[paths[i].name for i in batch] for batch in cast(BatchShard, loader.batch_sampler)]
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(4, [2, 2]), (5, [2, 3]), (3, [3]), (7, [2, 2, 3])])
+def test_a_last_image_on_its_own_joins_the_batch_before_it(count: int, sizes: list[int], tmp_path: Path) -> None:
+    generate_images(tmp_path, count, size=8)
+    loader = calibration_loader(tmp_path, size=8, batch_size=2)
+    assert [len(b) for b in loader] == sizes  # every image, in batches of at least 2
+    assert sum(sizes) == count
+
+
+@pytest.mark.parametrize(("count", "world_size"), [(8, 2), (7, 3), (5, 2), (13, 4)])
+def test_each_image_is_on_exactly_one_rank_in_the_batches_one_process_would_form(
+    count: int, world_size: int, tmp_path: Path
+) -> None:
+    generate_images(tmp_path, count, size=8)
+    single = _paths_of(calibration_loader(tmp_path, size=8, batch_size=2))
+    shards = [_paths_of(calibration_loader(tmp_path, size=8, batch_size=2, rank=r, world_size=world_size))
+              for r in range(world_size)]
+    expected = [batch for r in range(world_size) for batch in single[r::world_size]]
+    assert [batch for shard in shards for batch in shard] == expected
+    names = [name for shard in shards for batch in shard for name in batch]
+    assert sorted(names) == sorted(p.name for p in find_images(tmp_path))  # each exactly once
+
+
+def test_num_batches_counts_the_batches_of_all_ranks(tmp_path: Path) -> None:
+    generate_images(tmp_path, 10, size=8)
+    shards = [calibration_loader(tmp_path, size=8, batch_size=2, num_batches=3, rank=r, world_size=2) for r in (0, 1)]
+    assert [_paths_of(s) for s in shards] == [
+        [["generated-texture-000.png", "generated-texture-001.png"],
+         ["generated-texture-004.png", "generated-texture-005.png"]],
+        [["generated-texture-002.png", "generated-texture-003.png"]],
+    ]
+    assert cast(BatchShard, shards[1].batch_sampler).images == 6
+
+
+@pytest.mark.parametrize(("count", "world_size", "words"), [
+    (2, 3, r"found 2 images in .*, which make 1 batch of up to 2, fewer than the 3 processes calibrating: each "
+           r"process calibrates on whole batches of its own\. Add images, lower the batch size \(at least 2\), or "
+           r"start at most 1 process\."),
+    (5, 3, r"found 5 images in .*, which make 2 batches of up to 3, fewer than the 3 processes .* start at most 2 "
+           r"processes\."),
+], ids=["more-ranks-than-images", "more-ranks-than-batches"])
+def test_more_ranks_than_batches_is_an_error(count: int, world_size: int, words: str, tmp_path: Path) -> None:
+    generate_images(tmp_path, count, size=8)
+    with pytest.raises(ValueError, match=words):
+        calibration_loader(tmp_path, size=8, batch_size=2, rank=0, world_size=world_size)
+
+
+class Processor:
+    """An image processor as transformers calls it: resizes to ``size`` and scales to 0..1, with a recorded call."""
+
+    def __init__(self, size: tuple[int, int] | None = (6, 5)) -> None:
+        self.size = size
+        self.calls: list[tuple[tuple[int, ...], torch.dtype, dict[str, object]]] = []
+
+    def __call__(self, images: torch.Tensor, **kwargs: object) -> dict[str, torch.Tensor]:
+        self.calls.append((tuple(images.shape), images.dtype, kwargs))
+        size = self.size or tuple(images.shape[-2:])
+        x = torch.nn.functional.interpolate(images[None].float() / 255, size=size, mode="bilinear")
+        return {"pixel_values": x}
+
+
+def test_the_models_image_processor_replaces_size_mean_and_std(tmp_path: Path) -> None:
+    """It gets each decoded image as uint8 (a 16-bit PNG scaled down), channels first, and its output is batched."""
+    deep = np.random.default_rng(0).integers(0, 65536, (12, 10, 3), dtype=np.uint16)
+    Image.fromarray(deep[..., 0]).save(tmp_path / "a-deep.png")
+    generate_images(tmp_path, 2, size=16)
+    processor = Processor()
+    (batch,) = calibration_loader(tmp_path, size=99, batch_size=3, preprocess=ImageProcessorTransform(processor))
+    assert batch.shape == (3, 3, 6, 5)
+    assert processor.calls[0] == ((3, 12, 10), torch.uint8, {"return_tensors": "pt",
+                                                              "input_data_format": "channels_first"})
+    assert 0.4 < batch[0].mean() < 0.6  # 16-bit pixels scaled to uint8, not saturated
+
+
+def test_images_of_different_sizes_after_preprocessing_are_an_error(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 12)).save(tmp_path / "b.png")
+    loader = calibration_loader(tmp_path, batch_size=2, preprocess=ImageProcessorTransform(Processor(size=None)))
+    with pytest.raises(CalibrationImageError, match=r"the preprocessing gave the images of one batch different sizes "
+                                                    r"\(3x8x8 and 3x12x8\), so they cannot be batched; expected one "
+                                                    r"size\. Make the image processor resize to a fixed size"):
+        next(iter(loader))

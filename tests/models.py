@@ -206,6 +206,17 @@ class NoSite(nn.Module):
         return self.net(x)
 
 
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every state_dict entry."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``model``'s state_dict has exactly these keys and values."""
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
 def batches(n: int = 3, size: int = 16, batch: int = 4, seed: int = 0,
             dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Deterministic calibration batches."""
@@ -285,7 +296,7 @@ def reference_stats(model: nn.Module, conv: str, data: list[torch.Tensor],
     return out
 
 
-class ChainedBN(nn.Module):
+class ChainedBN(Chained):
     """Two sites separated by a batch norm, as in UPerNet (PSP bottleneck → FPN fuse)::
 
         x ── c1 ──────────────────────┐
@@ -298,15 +309,9 @@ class ChainedBN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1 = nn.Conv2d(3, 3, 1)
-        self.c2 = nn.Conv2d(3, 3, 1)
-        self.c3 = nn.Conv2d(3, 2, 1)
         with torch.no_grad():
-            self.c2.weight.mul_(4.0)
             self.c2.bias.add_(2.0)
-        self.fuse1 = nn.Conv2d(6, 4, 1)
         self.bn = nn.BatchNorm2d(4)
-        self.fuse2 = nn.Conv2d(6, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = F.interpolate(self.c2(F.avg_pool2d(x, 2)), scale_factor=2.0, mode="bilinear")

@@ -37,6 +37,8 @@ import variance  # noqa: E402
 import fxeq  # noqa: E402
 from fxeq.sites import Site  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
+
 _SCRIPTS = {"latency": latency, "calibration_cost": calibration_cost, "variance": variance,
             "capture_cost": capture_cost}
 _EXTRA = {"variance": ["--no-plot"]}

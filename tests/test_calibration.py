@@ -22,20 +22,13 @@ from models import (
     explicit_equalizer,
     reference_stats,
     remeasure,
+    same_state,
+    state_of,
 )
 from torch import nn
 
 import fxeq
 from fxeq.calibration import CalibrationData, batch_inputs, calibration_mode
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
 def _assert_invariant(model: nn.Module, report, data: list[torch.Tensor], rel: float = 1e-3) -> None:
@@ -100,10 +93,10 @@ def test_smp_upernet_chained_sites_are_exact() -> None:
 def test_batch_of_one_sample_on_the_export_path_is_refused() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=3)
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.CalibrationError, match="at least 2 samples"):
         fxeq.transform(model, [torch.randn(1, 3, 64, 64)] * 2, inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_constant_input_up_to_rounding_is_refused_naming_the_input() -> None:
@@ -111,10 +104,10 @@ def test_constant_input_up_to_rounding_is_refused_naming_the_input() -> None:
     with torch.no_grad():  # branch b: a constant 1e4 plus float32 rounding noise
         model.conv_b.weight.mul_(1e-12)
         model.conv_b.bias.fill_(1e4)
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.CalibrationError, match=r"input 1 .*1e-05 x \|mean\|.*nothing was modified"):
         fxeq.transform(model, batches(2), inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -150,10 +143,10 @@ def test_one_shot_iterable_matches_a_list() -> None:
 @pytest.mark.parametrize("make", [lambda d: OneShot(d), lambda d: (x for x in d)], ids=["shared-iterator", "generator"])
 def test_one_shot_iterable_is_refused_before_work_when_chained(make) -> None:
     model = Chained()
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.CalibrationError, match="can be read only once.*2 passes"):
         fxeq.transform(model, make(batches(3)), inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_step_api_refuses_a_second_calibrate_or_convert() -> None:
@@ -193,11 +186,11 @@ def test_convert_twice_is_refused_in_every_mode(mode: str) -> None:
 def test_buffers_are_untouched(frontend: str, fail: bool) -> None:
     model = Counter()
     model.train()
-    state, hooks = _state(model), dict(model.fuse._forward_pre_hooks)
+    state, hooks = state_of(model), dict(model.fuse._forward_pre_hooks)
     if fail:
         with pytest.raises(fxeq.CalibrationError, match="nothing was modified"):
             fxeq.transform(model, batches(2), inplace=True, frontend=frontend, min_std=1e6)
-        assert _same_state(model, state)
+        assert same_state(model, state)
     else:
         fxeq.transform(model, batches(2), inplace=True, frontend=frontend)
         assert int(model.steps) == 0
@@ -208,11 +201,11 @@ def test_buffers_are_untouched(frontend: str, fail: bool) -> None:
 def test_calibration_mode_uses_batch_statistics_and_restores_everything() -> None:
     model = BNHead()
     model.train()
-    state = _state(model)
+    state = state_of(model)
     with calibration_mode(model):
         assert not model.drop.training and model.bn.training and not model.training
         model(batches(1)[0])
-    assert _same_state(model, state) and all(m.training for m in model.modules())
+    assert same_state(model, state) and all(m.training for m in model.modules())
 
 
 # ---------------------------------------------------------------------------
@@ -400,10 +393,10 @@ def test_site_observers_refuse_a_site_without_a_conv_module() -> None:
 def test_a_parametrized_fusing_conv_is_skipped_with_the_fix(frontend: str, norm) -> None:
     model = TwoBranch()
     norm(model.fuse)
-    state = _state(model)
+    state = state_of(model)
     with pytest.warns(fxeq.NoSiteWarning, match=r"(?s)computed tensor.*weight_norm.*remove_parametrizations"):
         fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -411,10 +404,10 @@ def test_a_weight_tied_to_a_module_the_graph_never_calls_is_skipped(frontend: st
     model = TwoBranch()
     model.other = nn.Conv2d(8, 4, 1)  # never called in forward, but holds the fusing conv's weight
     model.other.weight = model.fuse.weight
-    state = _state(model)
+    state = state_of(model)
     with pytest.warns(fxeq.NoSiteWarning, match=r"(?s)shares parameter.*other.weight.*tied parameters"):
         fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -29,6 +29,8 @@ from fxeq import __version__, checkpoint
 from fxeq.cli import main
 from fxeq.data import generate_images
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
+
 MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
 DATA = ["--size", "32", "--batch-size", "2"]
 Run = Callable[..., "subprocess.CompletedProcess[str]"]

@@ -17,6 +17,8 @@ from cli_models import TinyFuse, assert_fails, run_main
 from fxeq import checkpoint
 from fxeq.data import generate_images
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
+
 MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
 
 

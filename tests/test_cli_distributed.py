@@ -33,6 +33,7 @@ def torchrun(*args: object, cwd: Path, processes: int = 2) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo, and Linux (loopback interface lo)")
 def test_two_processes_give_what_one_gives(tmp_path: Path) -> None:

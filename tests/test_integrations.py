@@ -16,7 +16,6 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from models import BNHead, Chained, TwoBranch, batches
+from models import BNHead, Chained, TwoBranch, batches, state_of
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,21 +34,9 @@ pytestmark = [
     # Lightning 2.6's own pytree helper on torch 2.14, and its note on resuming mid-epoch: not fxeq's
     pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.slow,
 ]
-
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster (and restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -106,11 +93,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         written = {}
         for name in ("two-branch", "bn-head"):  # the README's recipe: equalize, then wrap
             fxeq.transform(models[name], shard, inplace=True, progress=False)
-            written[name] = _state(models[name])  # before DDP broadcasts rank 0's weights
+            written[name] = state_of(models[name])  # before DDP broadcasts rank 0's weights
             DDP(models[name])
         wrapped = DDP(models["chained"])  # as inside a Trainer: already wrapped; two passes, each merged
         fxeq.transform(wrapped, shard, inplace=True, progress=False)
-        written["chained"] = _state(models["chained"])
+        written["chained"] = state_of(models["chained"])
         torch.save(written, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -126,12 +113,12 @@ def test_ddp_ranks_write_identical_weights_equal_to_the_union(tmp_path: Path) ->
     mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2)
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     union = _ddp_models()
-    originals = {name: _state(model) for name, model in union.items()}
+    originals = {name: state_of(model) for name, model in union.items()}
     for model in union.values():
         fxeq.transform(model, batches(n=4, seed=7), inplace=True, progress=False)
     for name, model in union.items():
         _assert_same(ranks[1][name], ranks[0][name])
-        expected = _state(model)
+        expected = state_of(model)
         assert any(not torch.equal(expected[k], originals[name][k]) for k in expected)
         for key in expected:
             torch.testing.assert_close(ranks[0][name][key], expected[key], msg=f"{name}: {key}")
@@ -191,8 +178,8 @@ def _hf_recorder() -> Any:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, optimizer: Any,
                            train_dataloader: Any, **kwargs: Any) -> None:
-            self.rng = torch.random.get_rng_state()
-            self.state, self.ids = _state(model), _optimizer_ids(optimizer)
+            self.rng = torch.random.get_rngstate_of()
+            self.state, self.ids = state_of(model), _optimizer_ids(optimizer)
             self.loader = train_dataloader
 
     return Recorder()
@@ -208,7 +195,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
     trainer = _hf_trainer(model, out, [before, callback, after], save_strategy="steps", save_steps=1)
     trainer.train()
-    torch.random.set_rng_state(before.rng)  # the (shuffled) batches the callback drew
+    torch.random.set_rngstate_of(before.rng)  # the (shuffled) batches the callback drew
     reference = copy.deepcopy(original)
     fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
     return SimpleNamespace(out=out, model=model, original=original, reference=reference, before=before,
@@ -216,7 +203,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def test_hf_callback_equalizes_before_the_first_step(hf_run: SimpleNamespace) -> None:
-    _assert_same(hf_run.after.state, _state(hf_run.reference))
+    _assert_same(hf_run.after.state, state_of(hf_run.reference))
     fuse = "decode_head.linear_fuse.weight"
     assert not torch.equal(hf_run.before.state[fuse], hf_run.after.state[fuse])
     assert hf_run.after.ids == hf_run.before.ids, "the optimizer must keep its parameter objects"
@@ -238,9 +225,9 @@ def test_hf_callback_writes_the_report(hf_run: SimpleNamespace) -> None:
 
 def test_hf_report_replays_the_run(hf_run: SimpleNamespace) -> None:
     fresh = _segformer(seed=0)
-    _assert_same(_state(fresh), _state(hf_run.original))
+    _assert_same(state_of(fresh), state_of(hf_run.original))
     apply(fresh, hf_run.out / "model.fxeq.json")
-    _assert_same(_state(fresh), hf_run.after.state)
+    _assert_same(state_of(fresh), hf_run.after.state)
 
 
 def test_hf_callback_leaves_a_resumed_run_alone(hf_run: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
@@ -278,7 +265,7 @@ def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tm
     ScaleEqualizationCallback = _hf_callback()
     callback, after = ScaleEqualizationCallback(num_batches=2), _hf_recorder()
     model = copy.deepcopy(hf_run.model)  # the mark survives deepcopy
-    state = _state(model)
+    state = state_of(model)
     with caplog.at_level(logging.INFO, logger="fxeq"):
         _hf_trainer(model, tmp_path, [callback, after]).train()
     assert callback.report is None
@@ -368,8 +355,8 @@ def _pl_recorder() -> Any:
         """Records, at on_train_start, the random state, the weights and the optimizer's parameter ids."""
 
         def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-            self.rng = torch.random.get_rng_state()
-            self.state, self.ids = _state(pl_module), _optimizer_ids(trainer.optimizers[0])
+            self.rng = torch.random.get_rngstate_of()
+            self.state, self.ids = state_of(pl_module), _optimizer_ids(trainer.optimizers[0])
             self.loader = trainer.train_dataloader
 
     return Recorder()
@@ -387,7 +374,7 @@ def pl_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     trainer = _pl_trainer(root, [before, callback, after])
     torch.manual_seed(123)
     trainer.fit(module, _pl_loader())
-    torch.random.set_rng_state(before.rng)  # the batches the callback drew, in its passes
+    torch.random.set_rngstate_of(before.rng)  # the batches the callback drew, in its passes
     reference = copy.deepcopy(original)
     fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
     return SimpleNamespace(root=root, module=module, reference=reference, before=before, callback=callback,
@@ -395,7 +382,7 @@ def pl_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def test_lightning_callback_equalizes_before_the_first_step(pl_run: SimpleNamespace) -> None:
-    _assert_same(pl_run.after.state, _state(pl_run.reference))
+    _assert_same(pl_run.after.state, state_of(pl_run.reference))
     for fuse in ("net.fuse1.weight", "net.fuse2.weight"):
         assert not torch.equal(pl_run.before.state[fuse], pl_run.after.state[fuse])
         assert not torch.equal(pl_run.module.get_parameter(fuse), pl_run.after.state[fuse]), "step 1 trains it"
@@ -441,7 +428,7 @@ def test_lightning_callback_leaves_an_equalized_model_alone(pl_run: SimpleNamesp
                                                             caplog: pytest.LogCaptureFixture) -> None:
     ScaleEqualization = _pl_callback()
     module = copy.deepcopy(pl_run.module)
-    state = _state(module)
+    state = state_of(module)
     callback, after = ScaleEqualization(num_batches=2), _pl_recorder()
     with caplog.at_level(logging.INFO, logger="fxeq"):
         _pl_trainer(tmp_path, [callback, after]).fit(module, _pl_loader())
@@ -456,12 +443,12 @@ def test_lightning_callback_state_from_a_checkpoint_is_enough(tmp_path: Path,
     callback = ScaleEqualization(calib_loader=batches(size=16))
     callback.load_state_dict({"report": {"sites": []}})
     module = _seg_module()
-    state = _state(module)
+    state = state_of(module)
     with caplog.at_level(logging.INFO, logger="fxeq"):
         callback.on_train_start(_fake_trainer(tmp_path), module)
     assert callback.report is None
     assert "the checkpoint being resumed records fxeq's report; not equalizing again" in caplog.text
-    _assert_same(_state(module), state)
+    _assert_same(state_of(module), state)
     callback.on_train_start(_fake_trainer(tmp_path), module)  # the same callback in a new run, on a new model
     assert callback.report is not None
 

@@ -20,20 +20,13 @@ from models import (
     explicit_equalizer,
     oracle_from_report,
     reference_stats,
+    same_state,
+    state_of,
 )
 from torch import nn
 
 import fxeq
 from fxeq.capturing import capture
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
 def _ops(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
@@ -43,9 +36,9 @@ def _ops(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_transform_matches_the_explicit_equalizer_at_1x1(frontend: str) -> None:
     model, data = TwoBranch(), batches()
-    state = _state(model)
+    state = state_of(model)
     deployed = fxeq.transform(model, data, frontend=frontend)
-    assert _same_state(model, state), "inplace=False must leave the model untouched"
+    assert same_state(model, state), "inplace=False must leave the model untouched"
     report = deployed.fxeq_report
     assert report.frontend == frontend and report.folded
 
@@ -83,7 +76,7 @@ def test_returned_graph_has_the_original_nodes_and_keys() -> None:
 
 def test_running_statistics_are_untouched_and_modes_restored() -> None:
     model = BNHead().train()
-    state = _state(model)
+    state = state_of(model)
     fxeq.transform(model, batches(), inplace=True)
     for name, value in model.state_dict().items():
         if "running" in name or "num_batches" in name:
@@ -205,20 +198,20 @@ def test_low_precision_models(dtype: torch.dtype) -> None:
 
 def test_empty_loader() -> None:
     model = TwoBranch()
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.CalibrationError, match="yielded no batches"):
         fxeq.transform(model, [], inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_nan_input_names_the_site_and_changes_nothing() -> None:
     model = TwoBranch()
-    state = _state(model)
+    state = state_of(model)
     data = batches()
     data[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(fxeq.FxEqError, match=r"site 'cat' \(conv fuse\), input 0 .*mean=nan"):
         fxeq.transform(model, data, inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_zero_std_names_the_input_and_changes_nothing() -> None:
@@ -226,10 +219,10 @@ def test_zero_std_names_the_input_and_changes_nothing() -> None:
     with torch.no_grad():
         model.conv_b.weight.zero_()
         model.conv_b.bias.zero_()
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.FxEqError, match=r"input 1 \(node 'interpolate', channels 3:8, from relu\): .*std=0"):
         fxeq.transform(model, batches(), inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_failure_at_a_later_site_leaves_earlier_sites_unwritten() -> None:
@@ -237,10 +230,10 @@ def test_failure_at_a_later_site_leaves_earlier_sites_unwritten() -> None:
     with torch.no_grad():
         model.c3.weight.zero_()
         model.c3.bias.zero_()
-    state = _state(model)
+    state = state_of(model)
     with pytest.raises(fxeq.FxEqError, match="site 'cat_1'"):
         fxeq.transform(model, batches(), inplace=True)
-    assert _same_state(model, state)
+    assert same_state(model, state)
 
 
 def test_untraceable_model() -> None:
@@ -293,10 +286,10 @@ def test_already_equalized_is_refused() -> None:
 
 def test_no_site_warns_and_changes_nothing() -> None:
     model = NoSite()
-    state = _state(model)
+    state = state_of(model)
     with pytest.warns(fxeq.NoSiteWarning, match="(?s)found no fusion site in NoSite.*all_concats=True"):
         deployed = fxeq.transform(model, batches())
-    assert _same_state(deployed, state) and not deployed.fxeq_report.folded
+    assert same_state(deployed, state) and not deployed.fxeq_report.folded
 
 
 def test_report_serializes() -> None:

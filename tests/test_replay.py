@@ -5,34 +5,23 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import BNFuse, BNHead, CatTwice, Chained, ChainedBN, NoSite, TwoBranch, batches
+from models import BNFuse, BNHead, CatTwice, Chained, ChainedBN, NoSite, TwoBranch, batches, state_of
 from torch import nn
 
 import fxeq
 from fxeq.replay import apply
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster (and restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _assertsamestate_of(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     now = model.state_dict()
     assert now.keys() == state.keys()
     different = [k for k in state if not torch.equal(now[k], state[k])]
@@ -87,10 +76,10 @@ class Swapped(TwoBranch):
 ], ids=["two-branch", "grouped-3x3", "no-bias", "bn-head", "chained", "chained-bn", "cat-twice", "bfloat16"])
 def test_apply_equals_transform_bitwise(factory: Callable[[], nn.Module]) -> None:
     model, twin, report = _transformed(factory)
-    original = _state(twin)
+    original = state_of(twin)
     returned = apply(twin, report)
     assert returned is twin
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
     convs = [c for s in report.search.sites for c in s.convs]
     assert any(not torch.equal(twin.get_parameter(c.weight), original[c.weight]) for c in convs)
 
@@ -102,13 +91,13 @@ def test_apply_reads_a_dict_or_a_json_file(form: str, tmp_path: Path) -> None:
     path.write_text(report.to_json())
     source = {"dict": report.to_dict(), "json-str": str(path), "json-path": path}[form]
     apply(twin, source)
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
 
 
 def test_apply_reproduces_keep_norm() -> None:
     model, twin, report = _transformed(BNFuse, keep_norm=True)
     apply(twin, report)
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
 
 
 def test_apply_a_calibrated_report_before_convert() -> None:
@@ -118,7 +107,7 @@ def test_apply_a_calibrated_report_before_convert() -> None:
     assert not prepared.report.folded
     apply(twin, prepared.report)
     fxeq.convert(prepared)
-    _assert_same_state(twin, _state(prepared.model))
+    _assertsamestate_of(twin, state_of(prepared.model))
 
 
 def test_apply_marks_the_model_as_equalized() -> None:
@@ -132,32 +121,32 @@ def test_apply_marks_the_model_as_equalized() -> None:
 
 def test_apply_refuses_a_model_fxeq_equalized() -> None:
     model, _, report = _transformed(TwoBranch)
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(fxeq.AlreadyEqualizedError, match="equalizing again would divide its weight twice"):
         apply(model, report)
-    _assert_same_state(model, before)
+    _assertsamestate_of(model, before)
 
 
 def test_apply_on_a_copy_leaves_the_model_alone() -> None:
     model, twin, report = _transformed(TwoBranch)
-    before = _state(twin)
+    before = state_of(twin)
     copied = apply(twin, report, inplace=False)
     assert copied is not twin
-    _assert_same_state(twin, before)
-    _assert_same_state(copied, _state(model))
+    _assertsamestate_of(twin, before)
+    _assertsamestate_of(copied, state_of(model))
 
 
 def test_apply_unwraps_data_parallel() -> None:
     model, twin, report = _transformed(TwoBranch)
     wrapped = nn.DataParallel(twin)
     assert apply(wrapped, report) is wrapped
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
 
 
 def test_apply_with_example_inputs_checks_the_sites() -> None:
     model, twin, report = _transformed(Chained)
     apply(twin, report, example_inputs=batches()[0])
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
 
 
 def test_recorded_dtype_and_shape_that_match_are_accepted() -> None:
@@ -165,7 +154,7 @@ def test_recorded_dtype_and_shape_that_match_are_accepted() -> None:
     data = report.to_dict()
     data["sites"][0]["convs"][0].update(dtype="float32", shape=[4, 8, 1, 1])
     apply(twin, data)
-    _assert_same_state(twin, _state(model))
+    _assertsamestate_of(twin, state_of(model))
 
 
 # ---------------------------------------------------------------------------
@@ -195,10 +184,10 @@ def _report(key: str = "two-branch") -> dict[str, Any]:
 
 def _refused(model: nn.Module, report: Any, match: str, error: type[Exception] = fxeq.FxEqError,
              **kwargs: Any) -> None:
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(error, match=match):
         apply(model, report, **kwargs)
-    _assert_same_state(model, before)
+    _assertsamestate_of(model, before)
 
 
 def test_missing_parameter_names_the_conv() -> None:

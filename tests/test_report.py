@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from models import Chained, CatTwice, TwoBranch, batches
+from models import CatTwice, Chained, TwoBranch, batches
 
 import fxeq
 from fxeq.report import Report, versions

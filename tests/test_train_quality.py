@@ -30,6 +30,8 @@ import _tq_data  # noqa: E402
 import _tq_experiment  # noqa: E402
 import train_quality  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
+
 
 def test_synthetic_task_is_deterministic_and_tasks_differ() -> None:
     task = _tq_data.SyntheticTask(task=1, classes=6, size=32)

@@ -30,7 +30,6 @@ from .replay import apply
 from .report import Report
 from .sites import find_sites
 
-
 __all__ = [
     "AlreadyEqualizedError",
     "CalibrationError",

@@ -62,7 +62,7 @@ from .capturing import Inputs, preserved_state
 from .errors import CalibrationError
 from .observe import ScaleObserver, SiteObservers
 from .rewrite import fold_site
-from .sites import Site, SiteSearch
+from .sites import SiteSearch
 
 __all__ = [
     "Calibration", "CalibrationData", "InputFn", "InputStats", "batch_inputs", "calibrate_sites",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import AlreadyEqualizedError, CalibrationError, FxEqError
-from .sites import FusingConv, Site
+from .sites import Site
 
 __all__ = [
     "check_not_equalized", "copy_into", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column",

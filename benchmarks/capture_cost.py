@@ -99,7 +99,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(name, seed=args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed + 1))
     found: list[fxeq.Report] = []
-    calls = {"static_export": lambda: _static_export(model, x), "find": lambda: found.append(fxeq.find(model, x))}
+    calls = {
+        "static_export": lambda: _static_export(model, x),
+        "find": lambda: found.append(fxeq.find(model, x)),
+        "prepare": lambda: fxeq.prepare(model, x, inplace=True),  # what transform pays; writes nothing
+    }
     times = interleaved_times(calls, reps=args.reps, warmup=args.warmup, device=torch.device("cpu"))
     report = found[-1]
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -114,6 +118,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"capture_cost: {name}: fxeq.find(dynamic=True)", file=sys.stderr, flush=True)
         dynamic = _once(lambda: fxeq.find(model, x, dynamic=True))
     ratio = medians["find"] / medians["static_export"]
+    prepare_ratio = medians["prepare"] / medians["static_export"]
     return {
         "model": name,
         "constructor": describe_model(name),
@@ -124,6 +129,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": ratio,
         "target": TARGET,
         "meets_target": ratio <= TARGET,
+        "prepare_ratio": prepare_ratio,
+        "prepare_meets_target": prepare_ratio <= TARGET,
         "parts_s": parts,
         "dynamic_find": dynamic,
         "dynamic_ratio": dynamic["s"] / medians["static_export"] if dynamic and not dynamic["error"] else None,
@@ -142,7 +149,9 @@ def _markdown(results: list[dict[str, Any]], skipped: dict[str, str], args: argp
             dynamic = f"{d['s']:.2f} ({r['dynamic_ratio']:.1f}x)"
         rows.append([r["model"], r["frontend"], r["sites"], f"{m['static_export']:.2f}", f"{m['find']:.2f}",
                      f"**{r['ratio']:.2f}x** ({'meets' if r['meets_target'] else 'misses'} {r['target']:g}x)",
-                     dynamic])
+                     f"{m['prepare']:.2f}",
+                     f"**{r['prepare_ratio']:.2f}x** ({'meets' if r['prepare_meets_target'] else 'misses'} "
+                     f"{r['target']:g}x)", dynamic])
         p = r["parts_s"]
 
         def part(key: str) -> str:
@@ -151,15 +160,16 @@ def _markdown(results: list[dict[str, Any]], skipped: dict[str, str], args: argp
         part_rows.append([r["model"], part("eager_forward"), part("capture_fx"), part("capture_export"),
                           part("export_dynamic_batch"), f"{m['static_export']:.2f}"])
     sections = [
-        "## fxeq.find vs one static export\n\n"
+        "## fxeq.find and fxeq.prepare vs one static export\n\n"
         f"Input {args.batch}x3x{args.size}x{args.size}, eval mode, no_grad; median seconds over {args.reps} "
         f"interleaved repetition(s) after {args.warmup} untimed round(s). `static export`: "
-        "`torch.export.export(model, (x,))`; `fxeq.find`: `fxeq.find(model, x)` (eager forward, fx or export "
-        "with a dynamic batch size, shape propagation, site search); ratio: find / static (target in "
-        "parentheses); `dynamic=True`: `fxeq.find(model, x, dynamic=True)` once (symbolic H/W, the old "
+        "`torch.export.export(model, (x,))`; `fxeq.find`: `fxeq.find(model, x)` (eager forward, fx or a static "
+        "export, shape propagation, site search); `fxeq.prepare`: what `fxeq.transform` pays before "
+        "calibrating (the same with the export's batch size dynamic, so that the returned module takes any "
+        "batch size); ratios to the static export (target in parentheses); `dynamic=True`: `fxeq.find(model, x, dynamic=True)` once (symbolic H/W, the old "
         "capture), seconds and ratio to the static export.\n\n"
         + markdown_table(["model", "frontend", "sites", "static export s", "fxeq.find s", "ratio",
-                          "dynamic=True s"], rows),
+                          "fxeq.prepare s", "ratio", "dynamic=True s"], rows),
         "## what fxeq.find is made of\n\n"
         "Seconds, once each. `fxeq.capture` with one frontend includes its own eager forward; `(fails)`: that "
         "frontend cannot capture the model (fx fails on models whose forward checks shapes), and `fxeq.find` "

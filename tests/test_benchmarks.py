@@ -175,12 +175,13 @@ def test_capture_cost_ratio_sites_and_frontends(runs: _Runs,
         medians = _medians(r["times_s"])
         assert r["median_s"] == pytest.approx(medians)
         assert r["ratio"] == pytest.approx(medians["find"] / medians["static_export"])
+        assert r["prepare_ratio"] == pytest.approx(medians["prepare"] / medians["static_export"])
         assert r["meets_target"] == (r["ratio"] <= 3.0)
         # fx captures smp's Unet and fails on the other smp models, whose forward checks shapes.
         assert (r["parts_s"]["capture_fx"]["error"] is None) == (r["model"] == "unet_resnet18")
         assert r["parts_s"]["capture_export"]["error"] is None
         assert r["dynamic_find"] is None  # only with --dynamic
-    assert "fxeq.find vs one static export" in runs["capture_cost"]["markdown"]
+    assert "fxeq.find and fxeq.prepare vs one static export" in runs["capture_cost"]["markdown"]
 
 
 def test_calibration_cost_passes_ratios_and_memory(runs: _Runs,

@@ -61,13 +61,12 @@ from .data import (
     CalibrationImageError,
     ImageProcessorTransform,
     Preprocess,
-    _plural,
     calibration_loader,
     generate_images,
 )
 from .errors import FxEqError, NoSiteWarning
 from .pipeline import calibrate, prepare, transform
-from .report import Report, versions
+from .report import Report, plural, versions
 
 __all__ = ["main"]
 
@@ -689,10 +688,10 @@ def _describe(
     """What calibration runs on, e.g. ``5 images from calib/ (64x64, 2 batches of up to 3, cpu)``."""
     shard = cast(BatchShard, loader.batch_sampler)
     found = len(cast(Any, loader.dataset))
-    images = _plural(shard.images, "image") + (f" of the {found}" if shard.images < found else "")
+    images = plural(shard.images, "image") + (f" of the {found}" if shard.images < found else "")
     how = (f"{preprocessing['class']} from {preprocessing['file']}" if "class" in preprocessing
            else f"{preprocessing['size']}x{preprocessing['size']}")
-    batches = _plural(len(shard.batches), "batch", "batches") + f" of up to {max(map(len, shard.batches))}"
+    batches = plural(len(shard.batches), "batch", "batches") + f" of up to {max(map(len, shard.batches))}"
     ranks = f"; {shard.world_size} processes, batch k on rank k % {shard.world_size}" if shard.world_size > 1 else ""
     return f"{images} from {args.calib} ({how}, {batches}, {device}{ranks})"
 

@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from .report import plural
+
 __all__ = [
     "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "BatchShard", "CalibrationImageError",
     "ImageFiles", "ImageProcessorTransform", "UnreadableImageError", "calibration_loader", "find_images",
@@ -103,7 +105,7 @@ def find_images(folder: str | Path) -> list[Path]:
             f"images to {_KINDS}, or pass the folder that holds them"
         )
     warnings.warn(
-        f"skipped {_plural(others.total(), 'file')} in {root} whose extension is not {_KINDS}: {found}; "
+        f"skipped {plural(others.total(), 'file')} in {root} whose extension is not {_KINDS}: {found}; "
         "to calibrate on images among them, convert them to png",
         stacklevel=2,
     )
@@ -303,17 +305,17 @@ def calibration_loader(
     paths = find_images(folder)
     if len(paths) < 2:
         raise ValueError(
-            f"found {_plural(len(paths), 'image')} in {folder}, need at least 2 (batch normalization with batch "
+            f"found {plural(len(paths), 'image')} in {folder}, need at least 2 (batch normalization with batch "
             f"statistics needs 2 samples per batch). Add {_KINDS} images from the training set; a few hundred "
             "give stable statistics."
         )
     batches = _batches(len(paths), batch_size)[:num_batches]
     if len(batches) < world_size:
         raise ValueError(
-            f"found {_plural(len(paths), 'image')} in {folder}, which make {_plural(len(batches), 'batch', 'batches')}"
+            f"found {plural(len(paths), 'image')} in {folder}, which make {plural(len(batches), 'batch', 'batches')}"
             f" of up to {max(map(len, batches))}, fewer than the {world_size} processes calibrating: each process "
             "calibrates on whole batches of its own. Add images, lower the batch size (at least 2), or start at "
-            f"most {_plural(len(batches), 'process', 'processes')}."
+            f"most {plural(len(batches), 'process', 'processes')}."
         )
     for path in paths:  # fail before any work on a file that is not an image (reads headers only)
         try:
@@ -406,8 +408,3 @@ def _unreadable(path: Path, error: Exception) -> UnreadableImageError:
     return UnreadableImageError(
         f"calibration file {path} is not a readable image ({detail}); remove it, or save it again as {_KINDS}"
     )
-
-
-def _plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """``count`` and the noun in agreement: ``1 file``, ``2 files``; ``nouns`` for irregular plurals."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

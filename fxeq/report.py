@@ -21,7 +21,7 @@ from .calibration import Calibration, InputStats
 from .modes import STRATEGIES
 from .sites import FusingConv, Site, SiteSearch
 
-__all__ = ["Report", "versions"]
+__all__ = ["Report", "plural", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -139,14 +139,14 @@ class Report:
         """The report as a plain-text table."""
         state = f"mode {self.mode}" if self.folded else ("calibrated" if self.stats else "not calibrated")
         lines = [
-            f"fxeq: {_plural(len(self.search.sites), 'site')}, "
-            f"{_plural(len(self.search.skipped), 'concatenation')} skipped "
+            f"fxeq: {plural(len(self.search.sites), 'site')}, "
+            f"{plural(len(self.search.skipped), 'concatenation')} skipped "
             f"(frontend {self.frontend}, {state})"
         ]
         summary = self.calibration_summary()
         if summary is not None:
-            lines.append(f"calibration: {summary['semantics']}; {_plural(summary['passes'], 'pass', 'passes')}, "
-                         f"{_plural(summary['batches'], 'batch', 'batches')}, {summary['seconds']:.2f} s")
+            lines.append(f"calibration: {summary['semantics']}; {plural(summary['passes'], 'pass', 'passes')}, "
+                         f"{plural(summary['batches'], 'batch', 'batches')}, {summary['seconds']:.2f} s")
         for site in self.search.sites:
             convs = ", ".join(c.module for c in site.convs)
             ratio = self.disequilibrium(site)
@@ -188,5 +188,11 @@ def _scale(scale: tuple[float, ...] | None) -> str:
     return "/".join(f"{s:.3g}" for s in scale)
 
 
-def _plural(count: int, singular: str, plural: str | None = None) -> str:
-    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``count`` and the noun in agreement; ``nouns`` for irregular plurals.
+
+    Example:
+        >>> plural(1, "site"), plural(2, "batch", "batches")
+        ('1 site', '2 batches')
+    """
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -107,10 +107,14 @@ def test_finalize_restores_graph_and_keys_and_keeps_outputs(frontend: str, mode:
 
 def test_finalize_explicit_mean_goes_to_batch_norm_running_mean() -> None:
     model = BNHead()
-    running_mean = model.bn.running_mean.clone()
-    fxeq.transform(model, batches(), mode="explicit", inplace=True)
+    running_mean, weight = model.bn.running_mean.clone(), model.fuse.weight.detach().double().clone()
+    report = fxeq.transform(model, batches(), mode="explicit", inplace=True).fxeq_report
     finalize(model)
-    assert not torch.equal(model.bn.running_mean, running_mean), "no bias: the mean term moves into the BN"
+    # No bias: conv((x - mu) / sigma) = conv(x) - sum_c,kernel W[:, c] mu_c / sigma_c moves into running_mean.
+    mu = torch.tensor([report.stats["cat", 0].mean] * 4 + [report.stats["cat", 1].mean] * 6, dtype=torch.float64)
+    sigma = torch.tensor([report.stats["cat", 0].std] * 4 + [report.stats["cat", 1].std] * 6, dtype=torch.float64)
+    expected = running_mean.double() + (weight.sum((2, 3)) * (mu / sigma)).sum(1)
+    torch.testing.assert_close(model.bn.running_mean.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_finalize_reports_a_mean_it_cannot_fold() -> None:

@@ -295,13 +295,17 @@ def test_no_site_warns_and_changes_nothing() -> None:
 def test_report_serializes() -> None:
     import json
 
-    deployed = fxeq.transform(BNHead(), batches())
+    model = BNHead()
+    expected = reference_stats(model, "fuse", batches(), [(0, 4), (4, 10)])
+    deployed = fxeq.transform(model, batches())
     data = json.loads(deployed.fxeq_report.to_json())
     (site,) = data["sites"]
     assert [i["channels"] for i in site["inputs"]] == [[0, 4], [4, 10]]
     assert site["convs"][0]["folded_mean"] is False
     assert "no bias" in site["convs"][0]["notes"][0]
-    assert site["disequilibrium"] >= 1.0
+    stds = [std for _, std in expected]
+    assert [i["std"] for i in site["inputs"]] == pytest.approx(stds, rel=1e-5)
+    assert site["disequilibrium"] == pytest.approx(max(stds) / min(stds), rel=1e-5)
     assert data["versions"]["fxeq"] == fxeq.__version__
 
 

@@ -10,12 +10,13 @@ model. Two frontends produce them:
   weights are ``get_attr`` nodes named after the original parameters, which
   it shares with the model. It is exported with a dynamic batch size and
   *static* spatial sizes: symbolic heights and widths cost minutes on some
-  models (117 to 214 s for a small Swin UperNet, against 1.3 s static), and
-  calibration does not need them, because it runs the user's eager model
-  (see :mod:`fxeq.calibration`). The returned module is therefore
-  specialized to the example's spatial size, and says so clearly when it
-  is called at another one; ``dynamic=True`` asks for symbolic sizes and
-  pays their cost.
+  models (a small Swin UperNet: minutes, against about a second static; see
+  ``benchmarks/results/capture_cost-cpu.md``), and calibration does not need
+  them, because it runs the user's eager model (see :mod:`fxeq.calibration`).
+  The returned module is therefore specialized to the example's spatial
+  size, and says so clearly when it is called at another one;
+  ``dynamic=True`` asks for symbolic sizes and pays their cost, and
+  ``dynamic=False`` exports the batch size static too (the cheapest).
 
 ``"auto"`` tries fx first and falls back to export. Before either, the model
 runs once eagerly on the example, so that a model that cannot run at all
@@ -46,12 +47,15 @@ from .errors import CaptureError
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["Captured", "Frontend", "FxEqGraphModule", "Inputs", "as_inputs", "capture", "preserved_state", "unwrap"]
+__all__ = ["Captured", "Dynamic", "Frontend", "FxEqGraphModule", "Inputs", "as_inputs", "capture", "preserved_state", "unwrap"]
 
 _logger = logging.getLogger(__name__)
 
 Frontend = Literal["auto", "fx", "export"]
 _FRONTENDS = ("auto", "fx", "export")
+
+Dynamic = bool | Literal["batch"]
+"""Which input sizes an export keeps symbolic: True (all but channels), "batch", or False (none)."""
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 """A model call's positional and keyword arguments."""
@@ -136,8 +140,7 @@ def capture(
     example_inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any] | Inputs,
     *,
     frontend: Frontend = "auto",
-    dynamic: bool = False,
-    batch: bool = True,
+    dynamic: Dynamic = "batch",
 ) -> Captured:
     """Capture ``model`` as a GraphModule that shares its parameters.
 
@@ -147,11 +150,13 @@ def capture(
         example_inputs: one batch: a Tensor, a tuple of positional inputs, a
             dict of keyword arguments, or an ``(args, kwargs)`` pair.
         frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
-        dynamic: export with symbolic spatial sizes too, so that the returned
-            module accepts any size; this can cost minutes. Default: False.
-        batch: export the batch size as a symbolic size (about 2x a static
-            export on smp and Hugging Face models); False when only the graph
-            is read, as :func:`fxeq.find` does. Default: True.
+        dynamic: which sizes torch.export keeps symbolic: ``"batch"`` (the
+            returned module takes any batch size; on smp and Hugging Face
+            models the export costs up to about 2x a static one), ``False``
+            (none: the fastest, for when only the graph is read, as
+            :func:`fxeq.find` does) or ``True`` (batch, height and width: any
+            size, but this can cost minutes). fx graphs take any size anyway.
+            Default: ``"batch"``.
 
     Returns:
         A :class:`Captured` whose ``module`` is in eval mode.
@@ -169,6 +174,8 @@ def capture(
     """
     if frontend not in _FRONTENDS:
         raise ValueError(f"frontend must be one of {_FRONTENDS}, got {frontend!r}")
+    if dynamic not in (True, False, "batch"):
+        raise ValueError(f"dynamic must be True, False or 'batch', got {dynamic!r}")
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -180,14 +187,14 @@ def capture(
         _run_eagerly(model, args, kwargs)
         for name in tries:
             try:
-                gm = _trace_fx(model) if name == "fx" else _export(model, args, kwargs, dynamic, batch)
+                gm = _trace_fx(model) if name == "fx" else _export(model, args, kwargs, dynamic)
                 with contextlib.redirect_stderr(io.StringIO()):  # fx prints tracebacks it re-raises
                     ShapeProp(gm).propagate(*_flat_inputs(gm, model, name, args, kwargs))
             except Exception as e:  # noqa: BLE001 - every frontend failure is reported together
                 _logger.debug("frontend %s failed on %s: %s", name, type(model).__name__, e)
                 failures.append(f"  {name}: {type(e).__name__}: {_first_line(e)}")
                 continue
-            specialized = name == "export" and not dynamic
+            specialized = name == "export" and dynamic is not True
             if specialized:
                 _install_shape_guard(gm, type(model).__name__)
             gm.eval()
@@ -264,13 +271,11 @@ def _flat_inputs(
     return [bound.arguments[str(n.target).lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _export(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool, batch: bool
-) -> FxEqGraphModule:
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Dynamic) -> FxEqGraphModule:
     def dims(x: object) -> object:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        wanted = [d for d in range(x.dim()) if d != 1] if dynamic else [0] if batch else []
+        wanted = [d for d in range(x.dim()) if d != 1] if dynamic is True else [0] if dynamic == "batch" else []
         return {d: torch.export.Dim.AUTO for d in wanted} or None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments

@@ -22,7 +22,8 @@ buffer and training flag they touch.
 
 The returned GraphModule shares the rewritten parameters. From the export
 frontend it is specialized to the first batch's spatial size (its batch size
-stays dynamic) and refuses another size with the fix, unless ``dynamic=True``.
+stays dynamic unless ``dynamic=False``) and refuses another size with the fix,
+unless ``dynamic=True``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .calibration import (
     check_arguments,
     model_device_and_dtype,
 )
-from .capturing import Captured, Frontend, FxEqGraphModule, Inputs, as_inputs, capture, unwrap
+from .capturing import Captured, Dynamic, Frontend, FxEqGraphModule, Inputs, as_inputs, capture, unwrap
 from .errors import AlreadyEqualizedError, FxEqError, NoSiteWarning
 from .modes import MODES, STRATEGIES, Mode, keep_norms
 from .observe import observation_point
@@ -99,7 +100,7 @@ def find(
     *,
     frontend: Frontend = "auto",
     all_concats: bool = False,
-    dynamic: bool = False,
+    dynamic: Dynamic = False,
 ) -> Report:
     """Find the fusion sites of a model; nothing is changed.
 
@@ -110,7 +111,8 @@ def find(
         frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
         all_concats: also count concatenations without an upsampled input.
             Default: False.
-        dynamic: export with symbolic spatial sizes (slow). Default: False.
+        dynamic: which sizes an export keeps symbolic (see :func:`prepare`);
+            finding sites needs none. Default: False.
 
     Returns:
         An uncalibrated :class:`~fxeq.report.Report`.
@@ -123,7 +125,7 @@ def find(
     """
     model = _checked_model(model)
     with torch.no_grad():
-        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic, batch=False)
+        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic)
     return Report(_observable(find_sites(captured.module, all_concats=all_concats), model), captured.frontend)
 
 
@@ -134,23 +136,25 @@ def prepare(
     inplace: bool = False,
     frontend: Frontend = "auto",
     all_concats: bool = False,
-    dynamic: bool = False,
+    dynamic: Dynamic = "batch",
 ) -> Prepared:
     """Capture the model and find its sites.
 
     Args:
         model: the model (DataParallel, DDP and torch.compile are unwrapped).
         example_inputs: one batch of inputs on the model's device: a Tensor,
-            a tuple of positional inputs, or a dict of keyword arguments. A
-            batch of one sample is repeated to two, so that torch.export keeps
-            the batch size dynamic.
+            a tuple of positional inputs, or a dict of keyword arguments. With
+            ``dynamic="batch"``, a batch of one sample is repeated to two, so
+            that torch.export keeps the batch size dynamic.
         inplace: rewrite ``model``'s own parameters on :func:`convert`.
             Default: False (work on a deep copy).
         frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
         all_concats: also equalize concatenations with no upsampled input
             (FCN ``concat_input`` heads). Default: False.
-        dynamic: export with symbolic spatial sizes, so that the returned
-            GraphModule takes any size (can cost minutes). Default: False.
+        dynamic: which sizes an export keeps symbolic: ``"batch"`` (the
+            returned GraphModule takes any batch size), ``False`` (none: the
+            cheapest capture) or ``True`` (any size; can cost minutes). See
+            :func:`fxeq.capturing.capture`. Default: ``"batch"``.
 
     Raises:
         ValueError: the model has parameters on the meta device.
@@ -159,7 +163,8 @@ def prepare(
     """
     original = _checked_model(model)
     args, kwargs = as_inputs(example_inputs)
-    args, kwargs = pytree.tree_map_only(torch.Tensor, _at_least_two, (args, kwargs))
+    if dynamic == "batch":
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _at_least_two, (args, kwargs))
     try:
         target = original if inplace else copy.deepcopy(original)
     except Exception as e:
@@ -308,7 +313,7 @@ def transform(
     mode: Mode = "init",
     keep_norm: bool = False,
     one_pass: bool = False,
-    dynamic: bool = False,
+    dynamic: Dynamic = "batch",
 ) -> FxEqGraphModule:
     """Equalize the scales of every multi-level fusion in ``model``.
 
@@ -340,14 +345,16 @@ def transform(
             where a batch norm follows. Default: False.
         one_pass: measure chained sites in one pass on the unfolded model
             (approximate downstream; the report says so). Default: False.
-        dynamic: export with symbolic spatial sizes, so that the returned
-            GraphModule accepts any size; can cost minutes. Default: False.
+        dynamic: which sizes an export keeps symbolic: ``"batch"`` (default:
+            the returned GraphModule takes any batch size), ``False`` (none:
+            the cheapest capture) or ``True`` (any size; can cost minutes).
 
     Returns:
         The deployable GraphModule in eval mode, with its report at
         ``.fxeq_report``. From the export frontend it accepts any batch size
-        but only the first batch's spatial size, unless ``dynamic=True``; with
-        ``inplace=True`` your own model takes every size. A model without any
+        (unless ``dynamic=False``) but only the first batch's spatial size
+        (unless ``dynamic=True``); with ``inplace=True`` your own model takes
+        every size. A model without any
         site comes back unchanged, with a warning.
 
     Raises:

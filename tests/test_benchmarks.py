@@ -176,6 +176,7 @@ def test_capture_cost_ratio_sites_and_frontends(runs: _Runs,
         assert r["median_s"] == pytest.approx(medians)
         assert r["ratio"] == pytest.approx(medians["find"] / medians["static_export"])
         assert r["prepare_ratio"] == pytest.approx(medians["prepare"] / medians["static_export"])
+        assert r["prepare_static_ratio"] == pytest.approx(medians["prepare_static"] / medians["static_export"])
         assert r["meets_target"] == (r["ratio"] <= 3.0)
         # fx captures smp's Unet and fails on the other smp models, whose forward checks shapes.
         assert (r["parts_s"]["capture_fx"]["error"] is None) == (r["model"] == "unet_resnet18")

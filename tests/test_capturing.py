@@ -86,3 +86,12 @@ def test_preserved_state_restores_after_an_error() -> None:
         model.train()(torch.randn(4, 2) + 5)
         raise RuntimeError("boom")
     assert model.running_mean.abs().max() == 0 and model.num_batches_tracked == 0
+
+
+def test_fully_static_export_names_the_batch_size() -> None:
+    module = capture(ShapeBranch(), (torch.randn(3, 3, 16, 16),), frontend="export", dynamic=False).module
+    assert module(torch.randn(3, 3, 16, 16)).shape == (3, 4, 16, 16)
+    with pytest.raises(fxeq.CaptureError, match=r"inputs shaped \(3, 3, 16, 16\) .*input x has shape \(2, 3, 16, 16\)"):
+        module(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="dynamic must be True, False or 'batch', got 'hw'"):
+        capture(ShapeBranch(), (torch.randn(3, 3, 16, 16),), dynamic="hw")  # type: ignore[arg-type]

@@ -178,7 +178,7 @@ def _hf_recorder() -> Any:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, optimizer: Any,
                            train_dataloader: Any, **kwargs: Any) -> None:
-            self.rng = torch.random.get_rngstate_of()
+            self.rng = torch.random.get_rng_state()
             self.state, self.ids = state_of(model), _optimizer_ids(optimizer)
             self.loader = train_dataloader
 
@@ -195,7 +195,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
     trainer = _hf_trainer(model, out, [before, callback, after], save_strategy="steps", save_steps=1)
     trainer.train()
-    torch.random.set_rngstate_of(before.rng)  # the (shuffled) batches the callback drew
+    torch.random.set_rng_state(before.rng)  # the (shuffled) batches the callback drew
     reference = copy.deepcopy(original)
     fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
     return SimpleNamespace(out=out, model=model, original=original, reference=reference, before=before,
@@ -355,7 +355,7 @@ def _pl_recorder() -> Any:
         """Records, at on_train_start, the random state, the weights and the optimizer's parameter ids."""
 
         def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-            self.rng = torch.random.get_rngstate_of()
+            self.rng = torch.random.get_rng_state()
             self.state, self.ids = state_of(pl_module), _optimizer_ids(trainer.optimizers[0])
             self.loader = trainer.train_dataloader
 
@@ -374,7 +374,7 @@ def pl_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     trainer = _pl_trainer(root, [before, callback, after])
     torch.manual_seed(123)
     trainer.fit(module, _pl_loader())
-    torch.random.set_rngstate_of(before.rng)  # the batches the callback drew, in its passes
+    torch.random.set_rng_state(before.rng)  # the batches the callback drew, in its passes
     reference = copy.deepcopy(original)
     fxeq.transform(reference, list(itertools.islice(before.loader, 2)), inplace=True, progress=False)
     return SimpleNamespace(root=root, module=module, reference=reference, before=before, callback=callback,

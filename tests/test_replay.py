@@ -21,7 +21,7 @@ from fxeq.replay import apply
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _assertsamestate_of(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     now = model.state_dict()
     assert now.keys() == state.keys()
     different = [k for k in state if not torch.equal(now[k], state[k])]
@@ -79,7 +79,7 @@ def test_apply_equals_transform_bitwise(factory: Callable[[], nn.Module]) -> Non
     original = state_of(twin)
     returned = apply(twin, report)
     assert returned is twin
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
     convs = [c for s in report.search.sites for c in s.convs]
     assert any(not torch.equal(twin.get_parameter(c.weight), original[c.weight]) for c in convs)
 
@@ -91,13 +91,13 @@ def test_apply_reads_a_dict_or_a_json_file(form: str, tmp_path: Path) -> None:
     path.write_text(report.to_json())
     source = {"dict": report.to_dict(), "json-str": str(path), "json-path": path}[form]
     apply(twin, source)
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
 
 
 def test_apply_reproduces_keep_norm() -> None:
     model, twin, report = _transformed(BNFuse, keep_norm=True)
     apply(twin, report)
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
 
 
 def test_apply_a_calibrated_report_before_convert() -> None:
@@ -107,7 +107,7 @@ def test_apply_a_calibrated_report_before_convert() -> None:
     assert not prepared.report.folded
     apply(twin, prepared.report)
     fxeq.convert(prepared)
-    _assertsamestate_of(twin, state_of(prepared.model))
+    _assert_same_state(twin, state_of(prepared.model))
 
 
 def test_apply_marks_the_model_as_equalized() -> None:
@@ -124,7 +124,7 @@ def test_apply_refuses_a_model_fxeq_equalized() -> None:
     before = state_of(model)
     with pytest.raises(fxeq.AlreadyEqualizedError, match="equalizing again would divide its weight twice"):
         apply(model, report)
-    _assertsamestate_of(model, before)
+    _assert_same_state(model, before)
 
 
 def test_apply_on_a_copy_leaves_the_model_alone() -> None:
@@ -132,21 +132,21 @@ def test_apply_on_a_copy_leaves_the_model_alone() -> None:
     before = state_of(twin)
     copied = apply(twin, report, inplace=False)
     assert copied is not twin
-    _assertsamestate_of(twin, before)
-    _assertsamestate_of(copied, state_of(model))
+    _assert_same_state(twin, before)
+    _assert_same_state(copied, state_of(model))
 
 
 def test_apply_unwraps_data_parallel() -> None:
     model, twin, report = _transformed(TwoBranch)
     wrapped = nn.DataParallel(twin)
     assert apply(wrapped, report) is wrapped
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
 
 
 def test_apply_with_example_inputs_checks_the_sites() -> None:
     model, twin, report = _transformed(Chained)
     apply(twin, report, example_inputs=batches()[0])
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
 
 
 def test_recorded_dtype_and_shape_that_match_are_accepted() -> None:
@@ -154,7 +154,7 @@ def test_recorded_dtype_and_shape_that_match_are_accepted() -> None:
     data = report.to_dict()
     data["sites"][0]["convs"][0].update(dtype="float32", shape=[4, 8, 1, 1])
     apply(twin, data)
-    _assertsamestate_of(twin, state_of(model))
+    _assert_same_state(twin, state_of(model))
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def _refused(model: nn.Module, report: Any, match: str, error: type[Exception] =
     before = state_of(model)
     with pytest.raises(error, match=match):
         apply(model, report, **kwargs)
-    _assertsamestate_of(model, before)
+    _assert_same_state(model, before)
 
 
 def test_missing_parameter_names_the_conv() -> None:

@@ -18,8 +18,9 @@ the user's own training. Semantics, as the paper measures them:
 **Chained sites, one at a time.** A site downstream of another site's fusing
 conv sees a different input once the upstream conv is folded, even through
 a batch norm: normalization fixes each channel's mean and variance, not the
-distribution's shape that the ReLU and upsampling after it see (measured:
-8.4% weight difference on smp UPerNet/resnet18 at 256x256). So sites are
+distribution's shape that the ReLU and upsampling after it see (one-pass
+statistics left smp UPerNet's fusion inputs at up to 1.09x of each other;
+``benchmarks/variance.py``). So sites are
 measured in topological generations of the site-dependency graph, one pass
 over the data per generation, each with every upstream fold in place. The
 folded tensors are swapped in with :func:`torch.func.functional_call`; the

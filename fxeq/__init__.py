@@ -9,8 +9,8 @@ fusing conv's weights: the deployed graph is the original one.
 The package layout is the pipeline: :mod:`fxeq.capturing` → :mod:`fxeq.sites`
 (find) → :mod:`fxeq.observe` → :mod:`fxeq.calibration` → :mod:`fxeq.rewrite`,
 with :mod:`fxeq.modes` for the training semantics (init / reparam /
-explicit), :mod:`fxeq.report` describing the outcome and :mod:`fxeq.pipeline`
-running it all.
+explicit), :mod:`fxeq.report` describing the outcome, :mod:`fxeq.pipeline`
+running it all, and :mod:`fxeq.replay` applying a saved report again.
 
 Example:
     >>> import torch, torchvision, fxeq

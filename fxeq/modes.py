@@ -254,6 +254,9 @@ def finalize(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if _input_scale(module) is not None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # removing re-registers the weight last; put it back first, where the conv declared it
+            weight = module._parameters.pop("weight")
+            module._parameters = {"weight": weight, **module._parameters}
         hook = module._modules.get(_HOOK)
         if isinstance(hook, _Standardize):
             for key, value in list(module._forward_pre_hooks.items()):

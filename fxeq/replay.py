@@ -87,8 +87,8 @@ def apply(
         model: a model of the architecture the report was written for, with
             the weights it had before equalization (DDP and torch.compile
             wrappers are unwrapped).
-        report: a :class:`~fxeq.report.Report`, a dict from its ``to_dict()``,
-            or the path of its JSON file (``*.fxeq.json``).
+        report: a :class:`~fxeq.report.Report`, the text of its ``to_json()``, a
+            dict from its ``to_dict()``, or the path of its JSON file (``*.fxeq.json``).
         inplace: rewrite ``model``'s own parameters; else those of a deep copy.
             Default: True.
         example_inputs: one batch of inputs. If given, the model is captured
@@ -163,6 +163,12 @@ def _report_dict(report: ReportSource) -> Mapping[str, Any]:
         source = "the report"
     elif isinstance(report, Mapping):
         data, source = report, "the dict"
+    elif isinstance(report, str) and report.lstrip().startswith("{"):  # Report.to_json() text
+        source = "the JSON text"
+        try:
+            data = json.loads(report)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the report text is not valid JSON ({e}); expected Report.to_json()'s output") from e
     elif isinstance(report, (str, os.PathLike)):
         path = Path(report)
         source = str(path)
@@ -172,7 +178,8 @@ def _report_dict(report: ReportSource) -> Mapping[str, Any]:
             raise ValueError(f"{path} is not JSON ({e}); expected an fxeq report (*.fxeq.json)") from e
     else:
         raise TypeError(
-            "report must be an fxeq Report, a dict from Report.to_dict() or the path of a .fxeq.json file, "
+            "report must be an fxeq Report, a dict from Report.to_dict(), the text of Report.to_json() or the "
+            "path of a .fxeq.json file, "
             f"got {type(report).__name__}"
         )
     if not isinstance(data, Mapping) or not isinstance(data.get("sites"), list):

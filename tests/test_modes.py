@@ -208,3 +208,10 @@ def test_explicit_inplace_tensors_follow_the_model_to_another_dtype() -> None:
     assert model.fuse.fxeq_standardize.mean.dtype == torch.float64
     assert list(model.state_dict()) == keys, "the equalizer's tensors are not state_dict entries"
     assert copy.deepcopy(model).double()(x.double()).shape == (2, 4, 16, 16)
+
+
+def test_finalize_after_reparam_keeps_the_original_key_order() -> None:
+    model = TwoBranch()
+    keys = list(model.state_dict())
+    fxeq.transform(model, batches(), mode="reparam", inplace=True)
+    assert list(finalize(model).state_dict()) == keys

@@ -348,10 +348,20 @@ def test_not_a_report(tmp_path: Path) -> None:
     _refused(TwoBranch(), path, f"{path} is not an fxeq report", error=ValueError)
     path.write_text("{not json")
     _refused(TwoBranch(), str(path), rf"{path} is not JSON \(.*\); expected an fxeq report", error=ValueError)
-    _refused(TwoBranch(), 42, "report must be an fxeq Report, a dict from Report.to_dict.. or the path of a "
-             ".fxeq.json file, got int", error=TypeError)
+    _refused(TwoBranch(), 42, "report must be an fxeq Report, a dict from Report.to_dict.., the text of "
+             "Report.to_json.. or the path of a .fxeq.json file, got int", error=TypeError)
 
 
 def test_not_a_model() -> None:
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         apply("model", _report())  # type: ignore[arg-type]
+
+
+def test_apply_takes_the_report_as_json_text() -> None:
+    model, data = TwoBranch(), batches(2)
+    twin = copy.deepcopy(model)
+    text = fxeq.transform(model, data, inplace=True).fxeq_report.to_json()
+    apply(twin, text)
+    _assert_same_state(twin, state_of(model))
+    with pytest.raises(ValueError, match="the report text is not valid JSON"):
+        apply(TwoBranch(), "{not json")

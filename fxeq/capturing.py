@@ -1,7 +1,8 @@
-"""Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule``.
+"""Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` to find its fusion sites in.
 
-fxeq reads graphs to find fusion sites, and returns one as the deployable
-model. Two frontends produce them:
+fxeq reads graphs only to *find* sites: calibration runs the user's eager
+model (:mod:`fxeq.calibration`) and the rewrite writes its parameters. Three
+frontends produce graphs, one table (:data:`FRONTENDS`) describes them:
 
 * ``"fx"``: :func:`torch.fx.symbolic_trace`. Fast and shape-generic, keeps
   ``call_module`` nodes, but fails on models whose ``forward`` branches on
@@ -10,20 +11,28 @@ model. Two frontends produce them:
   weights are ``get_attr`` nodes named after the original parameters, which
   it shares with the model. It is exported with a dynamic batch size and
   *static* spatial sizes: symbolic heights and widths cost minutes on some
-  models (a small Swin UperNet: minutes, against about a second static; see
-  ``benchmarks/results/capture_cost-cpu.md``), and calibration does not need
-  them, because it runs the user's eager model (see :mod:`fxeq.calibration`).
-  The returned module is therefore specialized to the example's spatial
-  size, and says so clearly when it is called at another one;
-  ``dynamic=True`` asks for symbolic sizes and pays their cost, and
-  ``dynamic=False`` exports the batch size static too (the cheapest).
+  models (see ``benchmarks/results/capture_cost-cpu.md``). The returned module
+  is therefore specialized to the example's spatial size, and says so clearly
+  when it is called at another one; ``dynamic=True`` asks for symbolic sizes
+  and pays their cost, and ``dynamic=False`` exports the batch size static
+  too (the cheapest). A batch of one sample is repeated to two first, since
+  export specializes a batch size of 1.
+* ``"concrete"``: one eager forward on the example, recorded op by op
+  (:func:`torch.fx.experimental.proxy_tensor.make_fx` over
+  :func:`torch.func.functional_call`, real tensors). Whatever runs eagerly
+  traces: data-dependent control flow is taken as it was on the example. The
+  graph is therefore good for finding sites but not *deployable* (it holds
+  the example's branch and sizes), so it serves only where the user's own
+  model is rewritten (``inplace=True``).
 
-``"auto"`` tries fx first and falls back to export. Before either, the model
-runs once eagerly on the example, so that a model that cannot run at all
-says so instead of reporting a tracing failure. Everything runs in eval mode
-under ``torch.no_grad``; the model's training flags and buffers are restored
-afterwards. Every node's ``meta["tensor_meta"]`` then holds the shape seen on
-the example (:class:`torch.fx.passes.shape_prop.ShapeProp`).
+``"auto"`` tries, in order, the frontends that can give what the caller
+needs: a deployable graph (fx, then export), or sites only (fx, export,
+then the concrete trace). Before any, the model runs once eagerly on the example, so
+that a model that cannot run at all says so instead of reporting tracing
+failures. Everything runs in eval mode under ``torch.no_grad``; the model's
+training flags and buffers are restored afterwards. Every node's
+``meta["tensor_meta"]`` then holds the shape seen on the example
+(:class:`torch.fx.passes.shape_prop.ShapeProp`).
 """
 
 from __future__ import annotations
@@ -33,32 +42,30 @@ import copy
 import inspect
 import io
 import logging
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
+from ._model import Inputs, as_inputs, checked_model, preserved_state
 from .errors import CaptureError
+from .report import Frontend, Report
 
-if TYPE_CHECKING:
-    from .report import Report
-
-__all__ = ["Captured", "Dynamic", "Frontend", "FxEqGraphModule", "Inputs", "as_inputs", "capture", "preserved_state", "unwrap"]
+__all__ = ["FRONTENDS", "Captured", "Dynamic", "FrontendChoice", "FxEqGraphModule", "capture"]
 
 _logger = logging.getLogger(__name__)
 
-Frontend = Literal["auto", "fx", "export"]
-_FRONTENDS = ("auto", "fx", "export")
+FrontendChoice = Literal["auto", "fx", "export", "concrete"]
+"""What a caller asks for: a frontend by name, or ``"auto"``."""
 
 Dynamic = bool | Literal["batch"]
 """Which input sizes an export keeps symbolic: True (all but channels), "batch", or False (none)."""
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-"""A model call's positional and keyword arguments."""
 
 
 class FxEqGraphModule(torch.fx.GraphModule):
@@ -72,198 +79,44 @@ class Captured:
     """A captured graph and how it was obtained.
 
     Attributes:
-        module: the deployable graph (eval-mode semantics). Its parameters are the
+        module: the graph (eval-mode semantics). Its parameters are the
             captured model's own parameter objects, under the same names.
-        frontend: ``"fx"`` or ``"export"``.
-        specialized: whether ``module`` only accepts the example's spatial
-            sizes (export without ``dynamic=True``).
+        frontend: ``"fx"``, ``"export"`` or ``"concrete"``.
+        deployable: whether ``module`` computes the model on other inputs
+            than the example (see :data:`FRONTENDS`).
+        failures: what each frontend tried before this one said.
     """
 
     module: FxEqGraphModule
-    frontend: Literal["fx", "export"]
-    specialized: bool = False
+    frontend: Frontend
+    deployable: bool
+    failures: tuple[str, ...] = ()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Return the model inside ``DataParallel``, ``DistributedDataParallel`` or ``torch.compile``.
+@dataclass(frozen=True)
+class _Frontend:
+    """One way to capture a graph.
 
-    Example:
-        >>> net = nn.Conv2d(3, 4, 1)
-        >>> unwrap(nn.DataParallel(net)) is net
-        True
+    Attributes:
+        trace: ``trace(model, args, kwargs, dynamic)`` → the graph.
+        inputs: ``inputs(graph, model, args, kwargs)`` → the placeholders' values, in graph order.
+        deployable: whether the graph computes the model on other inputs than the example.
+        needs: what the model must allow, for the message when every frontend fails.
     """
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
+
+    trace: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Dynamic], FxEqGraphModule]
+    inputs: Callable[[torch.fx.GraphModule, nn.Module, tuple[Any, ...], dict[str, Any]], list[Any]]
+    deployable: bool
+    needs: str
 
 
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore every buffer's value and every module's training flag on exit.
-
-    Capture and calibration run the model's forward, which may update batch
-    norm running statistics or a user's own counters; nothing of that may
-    outlive fxeq.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(2)
-        >>> with preserved_state(bn):
-        ...     _ = bn.train()(torch.randn(4, 2))
-        >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
-        ([0.0, 0.0], 0)
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.detach().clone()) for b in _unique(model.buffers()) if not b.is_meta]
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-        for m, flag in flags:
-            m.training = flag
-
-
-def _unique(tensors: Iterator[torch.Tensor]) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    for t in tensors:
-        seen.setdefault(id(t), t)
-    return list(seen.values())
-
-
-def capture(
-    model: nn.Module,
-    example_inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any] | Inputs,
-    *,
-    frontend: Frontend = "auto",
-    dynamic: Dynamic = "batch",
-) -> Captured:
-    """Capture ``model`` as a GraphModule that shares its parameters.
-
-    Args:
-        model: the model; ``DataParallel``, ``DistributedDataParallel`` and
-            ``torch.compile`` wrappers are unwrapped.
-        example_inputs: one batch: a Tensor, a tuple of positional inputs, a
-            dict of keyword arguments, or an ``(args, kwargs)`` pair.
-        frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
-        dynamic: which sizes torch.export keeps symbolic: ``"batch"`` (the
-            returned module takes any batch size; on smp and Hugging Face
-            models the export costs up to about 2x a static one), ``False``
-            (none: the fastest, for when only the graph is read, as
-            :func:`fxeq.find` does) or ``True`` (batch, height and width: any
-            size, but this can cost minutes). fx graphs take any size anyway.
-            Default: ``"batch"``.
-
-    Returns:
-        A :class:`Captured` whose ``module`` is in eval mode.
-
-    Raises:
-        ValueError: unknown ``frontend``.
-        CaptureError: the model does not run on the example, or the chosen
-            frontend(s) could not capture it.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
-        >>> cap = capture(net, (torch.randn(2, 3, 8, 8),))
-        >>> cap.frontend, [n.op for n in cap.module.graph.nodes]
-        ('fx', ['placeholder', 'call_module', 'call_module', 'output'])
-    """
-    if frontend not in _FRONTENDS:
-        raise ValueError(f"frontend must be one of {_FRONTENDS}, got {frontend!r}")
-    if dynamic not in (True, False, "batch"):
-        raise ValueError(f"dynamic must be True, False or 'batch', got {dynamic!r}")
-    model = unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = as_inputs(example_inputs)
-    tries = ("fx", "export") if frontend == "auto" else (frontend,)
-    failures: list[str] = []
-    with preserved_state(model), torch.no_grad():
-        model.eval()
-        _run_eagerly(model, args, kwargs)
-        for name in tries:
-            try:
-                gm = _trace_fx(model) if name == "fx" else _export(model, args, kwargs, dynamic)
-                with contextlib.redirect_stderr(io.StringIO()):  # fx prints tracebacks it re-raises
-                    ShapeProp(gm).propagate(*_flat_inputs(gm, model, name, args, kwargs))
-            except Exception as e:  # noqa: BLE001 - every frontend failure is reported together
-                _logger.debug("frontend %s failed on %s: %s", name, type(model).__name__, e)
-                failures.append(f"  {name}: {type(e).__name__}: {_first_line(e)}")
-                continue
-            specialized = name == "export" and dynamic is not True
-            if specialized:
-                _install_shape_guard(gm, type(model).__name__)
-            gm.eval()
-            return Captured(gm, name, specialized)  # type: ignore[arg-type]
-    raise CaptureError(
-        f"could not capture {type(model).__name__} as a graph; tried {', '.join(tries)}:\n"
-        + "\n".join(failures)
-        + "\nfx needs a forward without data-dependent Python control flow; torch.export needs "
-        "forward to be exportable with the example batch. Try frontend='export' explicitly, "
-        "or pass inplace=True and use your own model afterwards."
-    )
-
-
-def as_inputs(example: torch.Tensor | tuple[Any, ...] | dict[str, Any] | Inputs) -> Inputs:
-    """One batch as ``(args, kwargs)``: from a Tensor, a positional tuple, a dict of keyword arguments or a pair.
-
-    Example:
-        >>> x = torch.zeros(1)
-        >>> as_inputs(x) == ((x,), {}), as_inputs({"pixel_values": x}) == ((), {"pixel_values": x})
-        (True, True)
-    """
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, dict):
-        return (), dict(example)
-    if len(example) == 2 and isinstance(example[0], tuple) and isinstance(example[1], dict):
-        return example[0], dict(example[1])
-    return tuple(example), {}
-
-
-def _run_eagerly(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    try:
-        model(*args, **kwargs)
-    except Exception as e:
-        shapes = ", ".join(_describe(v) for v in (*args, *kwargs.values()))
-        hint = ""
-        if any(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() >= 3
-               for v in (*args, *kwargs.values())):
-            hint = (" An input is an integer tensor: image models take float tensors; convert them in the "
-                    "loader or with input_fn (e.g. lambda b: b[0].float() / 255, then normalize).")
-        raise CaptureError(
-            f"{type(model).__name__} does not run on the first calibration batch ({shapes}) in eval mode: "
-            f"{type(e).__name__}: {_first_line(e)}. fxeq captures the model on that batch, so it must be "
-            f"a valid input: check its shape, dtype and device (some models need a larger input size).{hint}"
-        ) from e
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
-    return type(value).__name__
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
-def _trace_fx(model: nn.Module) -> FxEqGraphModule:
+def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Dynamic) -> FxEqGraphModule:
     traced = torch.fx.symbolic_trace(model)
     return FxEqGraphModule(traced, traced.graph, class_name=type(model).__name__)
 
 
-def _flat_inputs(
-    gm: torch.fx.GraphModule, model: nn.Module, frontend: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> list[Any]:
-    """The placeholders' values, in graph order."""
-    if frontend == "export":
-        return pytree.tree_leaves((args, kwargs))
+def _fx_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> list[Any]:
     if not kwargs:
         return list(args)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -284,7 +137,218 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dyn
     unlifted = program.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same
     # graph and parameters behaves like any other module.
-    return FxEqGraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name=type(model).__name__)
+    gm = FxEqGraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name=type(model).__name__)
+    if dynamic is not True:
+        _install_shape_guard(gm, type(model).__name__)
+    return gm
+
+
+def _leaves(gm: torch.fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The inputs' leaves, in order: export's and the concrete trace's placeholders."""
+    return pytree.tree_leaves((args, kwargs))
+
+
+def _trace_concrete(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Dynamic
+                    ) -> FxEqGraphModule:
+    """Record one eager forward as an aten graph whose parameters and buffers are the model's own, by name.
+
+    The model's tensors enter the trace as placeholders (``functional_call``)
+    and are then turned into ``get_attr`` nodes of a GraphModule holding the
+    very same tensor objects under their qualified names, as export's graphs
+    do. Each node's ``nn_module_stack`` names the modules whose forward was
+    running when it was recorded.
+    """
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def forward(p: dict[str, Any], b: dict[str, Any], a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+        return torch.func.functional_call(model, (p, b), a, k, strict=False, tie_weights=False)  # see calibration
+
+    with _module_stack(model) as events:
+        # A value read in Python (``if x.sum() > 0``) is the example's: the trace takes its branch.
+        traced = make_fx(forward, tracing_mode="real", _error_on_data_dependent_ops=False)(params, buffers, args, kwargs)
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [*params, *buffers]
+    for node, name in zip(placeholders, names, strict=False):
+        with graph.inserting_before(node), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the traced module has no such attribute; the new root below will
+            attr = graph.get_attr(name)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    _attribute_modules(graph, events)
+    root: dict[str, Any] = {**params, **buffers}
+    for node in graph.nodes:  # the constants the trace made (e.g. a pooling module's kernel)
+        if node.op == "get_attr" and str(node.target) not in root:
+            root[str(node.target)] = getattr(traced, str(node.target))
+    return FxEqGraphModule(root, graph, class_name=type(model).__name__)
+
+
+FRONTENDS: dict[Frontend, _Frontend] = {
+    "fx": _Frontend(_trace_fx, _fx_inputs, True, "fx needs a forward without data-dependent Python control flow"),
+    "export": _Frontend(_export, _leaves, True, "torch.export needs a forward it can export on the example batch"),
+    "concrete": _Frontend(_trace_concrete, _leaves, False,
+                          "the concrete trace needs a forward that runs eagerly on the example batch"),
+}
+"""The capture frontends, by name: adding one is one entry here (and its name in :data:`fxeq.report.Frontend`)."""
+
+# By whether the caller needs a deployable graph. Without that need the concrete trace comes last: it costs
+# about what a static export does (more on a large model, since it computes for real; capture_cost.py) and
+# serves for the models that neither fx nor export captures.
+_AUTO: dict[bool, tuple[Frontend, ...]] = {True: ("fx", "export"), False: ("fx", "export", "concrete")}
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any] | Inputs,
+    *,
+    frontend: FrontendChoice = "auto",
+    dynamic: Dynamic = "batch",
+    deployable: bool = True,
+) -> Captured:
+    """Capture ``model`` as a GraphModule that shares its parameters.
+
+    Args:
+        model: the model; ``DataParallel``, ``DistributedDataParallel`` and
+            ``torch.compile`` wrappers are unwrapped.
+        example_inputs: one batch: a Tensor, a tuple of positional inputs, a
+            dict of keyword arguments, or an ``(args, kwargs)`` pair.
+        frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"``. Default: ``"auto"``.
+        dynamic: which sizes torch.export keeps symbolic: ``"batch"`` (the
+            returned module takes any batch size; on smp and Hugging Face
+            models the export costs up to about 2x a static one), ``False``
+            (none: the fastest, for when only the graph is read, as
+            :func:`fxeq.find` does) or ``True`` (batch, height and width: any
+            size, but this can cost minutes). fx graphs take any size anyway.
+            Default: ``"batch"``.
+        deployable: whether the caller needs a graph that computes the model
+            on other inputs (``"auto"`` then tries fx and export only).
+            Default: True.
+
+    Returns:
+        A :class:`Captured` whose ``module`` is in eval mode.
+
+    Raises:
+        ValueError: unknown ``frontend`` or ``dynamic``.
+        CaptureError: the model does not run on the example (``stage ==
+            "run"``), or no frontend tried could capture it (``stage ==
+            "trace"``, with what each said in ``failures``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        >>> cap = capture(net, (torch.randn(2, 3, 8, 8),))
+        >>> cap.frontend, [n.op for n in cap.module.graph.nodes]
+        ('fx', ['placeholder', 'call_module', 'call_module', 'output'])
+        >>> [n.target.__name__ for n in capture(net, torch.randn(2, 3, 8, 8), frontend="concrete").module.graph.nodes
+        ...  if n.op == "call_function"]
+        ['convolution.default', 'relu.default']
+    """
+    if frontend != "auto" and frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be one of 'auto', {', '.join(map(repr, FRONTENDS))}; got {frontend!r}")
+    if dynamic not in (True, False, "batch"):
+        raise ValueError(f"dynamic must be True, False or 'batch', got {dynamic!r}")
+    model = checked_model(model)
+    args, kwargs = as_inputs(example_inputs)
+    tries: tuple[Frontend, ...] = _AUTO[deployable] if frontend == "auto" else (frontend,)
+    failures: dict[str, str] = {}
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        _run_eagerly(model, args, kwargs)
+        for name in tries:
+            entry = FRONTENDS[name]
+            a, k = args, kwargs
+            if name == "export" and dynamic == "batch":
+                a, k = pytree.tree_map_only(torch.Tensor, _at_least_two, (args, kwargs))
+            try:
+                gm = entry.trace(model, a, k, dynamic)
+                with contextlib.redirect_stderr(io.StringIO()):  # fx prints tracebacks it re-raises
+                    ShapeProp(gm).propagate(*entry.inputs(gm, model, a, k))
+            except Exception as e:  # noqa: BLE001 - every frontend failure is reported together
+                _logger.debug("frontend %s failed on %s: %s", name, type(model).__name__, e)
+                failures[name] = f"{type(e).__name__}: {_first_line(e)}"
+                continue
+            gm.eval()
+            return Captured(gm, name, entry.deployable, tuple(f"{n}: {t}" for n, t in failures.items()))
+    listed = "\n".join(f"  {n}: {t}" for n, t in failures.items())
+    needs = "; ".join(FRONTENDS[n].needs for n in tries)
+    raise CaptureError(
+        f"could not capture {type(model).__name__} as a graph; tried {', '.join(tries)}:\n{listed}\n{needs}.",
+        stage="trace", failures=failures,
+    )
+
+
+def _run_eagerly(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        model(*args, **kwargs)
+    except Exception as e:
+        shapes = ", ".join(_describe(v) for v in (*args, *kwargs.values()))
+        hint = ""
+        if any(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() >= 3
+               for v in (*args, *kwargs.values())):
+            hint = (" An input is an integer tensor: image models take float tensors; convert them in the "
+                    "loader or with input_fn (e.g. lambda b: b[0].float() / 255, then normalize).")
+        raise CaptureError(
+            f"{type(model).__name__} does not run on the first calibration batch ({shapes}) in eval mode: "
+            f"{type(e).__name__}: {_first_line(e)}. fxeq captures the model on that batch, so it must be "
+            f"a valid input: check its shape, dtype and device (some models need a larger input size).{hint}",
+            stage="run",
+        ) from e
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message, without a closing period (the caller's sentence goes on)."""
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else "(no message)"
+
+
+def _at_least_two(t: torch.Tensor) -> torch.Tensor:
+    """A batch of one sample, repeated: torch.export specializes a batch size of 1."""
+    return torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
+
+
+@contextlib.contextmanager
+def _module_stack(model: nn.Module) -> Iterator[list[tuple[int, str, int]]]:
+    """While a concrete trace runs: (nodes recorded so far, module path, +1 entering / -1 leaving) per forward."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    events: list[tuple[int, str, int]] = []
+
+    def record(step: int) -> Callable[..., None]:
+        def hook(module: nn.Module, *rest: Any) -> None:
+            mode = get_proxy_mode()
+            if mode is not None and id(module) in paths:
+                events.append((len(mode.tracer.graph.nodes), paths[id(module)], step))
+        return hook
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(record(1)),
+               nn.modules.module.register_module_forward_hook(record(-1))]
+    try:
+        yield events
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attribute_modules(graph: torch.fx.Graph, events: list[tuple[int, str, int]]) -> None:
+    """Give each node the ``nn_module_stack`` export would: the modules running when it was recorded."""
+    stack: list[str] = []
+    pending = iter(events)
+    event = next(pending, None)
+    for index, node in enumerate(graph.nodes):
+        while event is not None and event[0] <= index:
+            if event[2] > 0:
+                stack.append(event[1])
+            elif stack:
+                stack.pop()
+            event = next(pending, None)
+        if node.op == "call_function" and stack:
+            node.meta["nn_module_stack"] = {path: (path, "") for path in stack if path}
 
 
 class _ShapeGuard(nn.Module):
@@ -313,7 +377,8 @@ class _ShapeGuard(nn.Module):
                     f"this GraphModule of {self.model} was exported by fxeq for inputs shaped ({shown}) and is "
                     f"specialized to that size; input {name} has shape {tuple(value.shape)}. Use your own model "
                     "with the same weights (fxeq.transform(model, loader, inplace=True) rewrites it and keeps "
-                    "every shape), or pass dynamic=True to export symbolic sizes (slower to capture)."
+                    "every shape), or pass dynamic=True to export symbolic sizes (slower to capture).",
+                    stage="call",
                 )
         if self.original is not None:
             self.original(*inputs)

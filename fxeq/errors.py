@@ -16,7 +16,22 @@ class FxEqError(RuntimeError):
 
 
 class CaptureError(FxEqError):
-    """Neither torch.fx nor torch.export could capture the model."""
+    """The model could not be captured as a graph.
+
+    Attributes:
+        stage: ``"run"`` when the model does not run on the example batch at
+            all, ``"trace"`` when it runs but no frontend tried could capture
+            it, ``"call"`` when a specialized graph is called at another size.
+        failures: per frontend tried, what it said.
+    """
+
+    def __init__(self, message: str, *, stage: str = "trace", failures: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.failures = dict(failures or {})
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep the attributes through pickling (torch.distributed)
+        return (_rebuild_capture_error, (str(self), self.stage, self.failures))
 
 
 class CalibrationError(FxEqError):
@@ -29,3 +44,7 @@ class AlreadyEqualizedError(FxEqError):
 
 class NoSiteWarning(UserWarning):
     """The model has no fusion site; it is returned unchanged."""
+
+
+def _rebuild_capture_error(message: str, stage: str, failures: dict[str, str]) -> CaptureError:
+    return CaptureError(message, stage=stage, failures=failures)

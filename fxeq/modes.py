@@ -34,21 +34,23 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .rewrite import fold, mean_term, per_weight_column, resolve_owner
+from ._model import resolve_owner
+from .fold import fold, mean_term, per_weight_column
 from .sites import FusingConv
 
 __all__ = [
-    "MODES", "InputScale", "Mode", "ModeStrategy", "STRATEGIES", "finalize", "keep_norms",
+    "MODES", "InputScale", "Mode", "ModeStrategy", "STRATEGIES", "check_mode", "finalize",
     "load_plain_state_dict", "plain_state_dict",
 ]
 
 Mode = Literal["init", "reparam", "explicit"]
+"""A mode's name: a key of :data:`STRATEGIES` (a test checks that the two agree)."""
 
 _HOOK = "fxeq_standardize"
 _NODES = "_fxeq_explicit_nodes"
@@ -90,11 +92,12 @@ class _Standardize(nn.Module):
     mean: torch.Tensor
     inv_std: torch.Tensor
 
-    def __init__(self, mean: torch.Tensor, inv_std: torch.Tensor, groups: int, batch_norm: nn.Module | None) -> None:
+    def __init__(self, mean: torch.Tensor, inv_std: torch.Tensor, conv: FusingConv, batch_norm: nn.Module | None
+                 ) -> None:
         super().__init__()
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", inv_std, persistent=False)
-        self.groups = groups
+        self.conv = conv
         object.__setattr__(self, "batch_norm", batch_norm)  # a reference, not a submodule
 
     def forward(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -105,35 +108,16 @@ class _Standardize(nn.Module):
 class _ExplicitNodes:
     """Constant nodes inserted before a GraphModule's conv, and how to fold them."""
 
-    conv: str
+    node: str
     source: str
     nodes: tuple[str, str]
     attrs: tuple[str, str]
-    weight: str
-    bias: str | None
-    batch_norm: str | None
-    groups: int
+    conv: FusingConv
 
 
 # ---------------------------------------------------------------------------
 # Applying a mode
 # ---------------------------------------------------------------------------
-
-
-def keep_norms(
-    original: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rescale each folded output channel back to its original weight norm.
-
-    Exact after a batch norm in training mode (per-channel scale invariance),
-    with the bias scaled alike.
-    """
-    dims = tuple(range(1, weight.dim()))
-    norm = torch.linalg.vector_norm
-    factor = norm(original.double(), dim=dims) / norm(weight.double(), dim=dims).clamp_min(1e-300)
-    new_weight = (weight.double() * factor.view(-1, *(1,) * len(dims))).to(weight.dtype)
-    new_bias = None if bias is None else (bias.double() * factor).to(bias.dtype)
-    return new_weight, new_bias
 
 
 def _register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch.Tensor) -> None:
@@ -145,12 +129,12 @@ def _register_reparam(modules: Iterable[nn.Module], conv: FusingConv, std: torch
             continue
         done.add(id(owner))
         weight = getattr(owner, local)
-        scale = per_weight_column(1.0 / std.double(), weight.shape, conv.groups).to(weight.dtype)
+        scale = per_weight_column(1.0 / std.double(), weight.shape, conv.groups, conv.transposed).to(weight.dtype)
         parametrize.register_parametrization(owner, local, InputScale(scale))
 
 
 def _register_explicit(
-    gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
+    gm: fx.GraphModule | None, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
 ) -> None:
     """Put ``(x - mean) / std`` before a fusing conv.
 
@@ -158,7 +142,9 @@ def _register_explicit(
     pre-hook on the conv module; in ``gm`` as constant nodes, unless the graph
     calls that very (already hooked) module.
     """
-    weight = gm.get_parameter(conv.weight)
+    holder = gm if gm is not None else model
+    assert holder is not None  # the rewrite passes at least one
+    weight = holder.get_parameter(conv.weight)
     shape = (1, -1, *(1,) * (weight.dim() - 2))
     mean_c = mean.to(weight.dtype).reshape(shape)
     inv_c = (1.0 / std.double()).to(weight.dtype).reshape(shape)
@@ -166,10 +152,12 @@ def _register_explicit(
     if model is not None:
         owner = model.get_submodule(conv.module)
         bn = model.get_submodule(conv.batch_norm) if conv.batch_norm else None
-        hook = _Standardize(mean_c, inv_c, conv.groups, bn)
+        hook = _Standardize(mean_c, inv_c, conv, bn)
         owner.add_module(_HOOK, hook)
         owner.register_forward_pre_hook(hook)
         hooked.add(id(owner))
+    if gm is None:
+        return
     node = next(n for n in gm.graph.nodes if n.name == conv.node)
     if node.op == "call_module" and id(gm.get_submodule(str(node.target))) in hooked:
         return
@@ -183,9 +171,12 @@ def _register_explicit(
         mul = gm.graph.call_function(torch.mul, (sub, gm.graph.get_attr(attrs[1])))
     node.update_arg(0, mul)
     gm.recompile()
-    record = _ExplicitNodes(node.name, source.name, (sub.name, mul.name), attrs, conv.weight, conv.bias,
-                            conv.batch_norm, conv.groups)
+    record = _ExplicitNodes(node.name, source.name, (sub.name, mul.name), attrs, conv)
     gm.__dict__.setdefault(_NODES, []).append(record)
+
+
+Install = Callable[[fx.GraphModule | None, nn.Module | None, FusingConv, torch.Tensor, torch.Tensor], None]
+"""``install(graph_module, model, conv, mean, std)``: what a mode adds to one conv in each module given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,32 +186,55 @@ class ModeStrategy:
     Attributes:
         writes: which folded parameters are written into the conv
             (``"weight"``, ``"bias"``); the rest is expressed by ``install``.
-        install: ``install(graph_module, inplace_model, conv, mean, std)`` adds
-            what the mode adds (a parametrization, a pre-hook, nodes), or None.
+        install: adds what the mode adds (a parametrization, a pre-hook,
+            nodes) to the captured graph module and the user's model, either of
+            which may be None; or None for a mode that only writes.
         note: the caveat the report shows at each conv, or "".
+        keep_norm: whether ``keep_norm=True`` applies to this mode (restoring
+            each output channel's weight norm after the weight is rescaled).
     """
 
     writes: frozenset[str]
-    install: Callable[[fx.GraphModule, nn.Module | None, FusingConv, torch.Tensor, torch.Tensor], None] | None
+    install: Install | None
     note: str = ""
+    keep_norm: bool = False
 
 
 def _install_reparam(
-    gm: fx.GraphModule, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
+    gm: fx.GraphModule | None, model: nn.Module | None, conv: FusingConv, mean: torch.Tensor, std: torch.Tensor
 ) -> None:
-    _register_reparam([gm] if model is None else [gm, model], conv, std)
+    _register_reparam([m for m in (gm, model) if m is not None], conv, std)
 
 
-STRATEGIES: dict[str, ModeStrategy] = {
-    "init": ModeStrategy(frozenset({"weight", "bias"}), None),
+STRATEGIES: dict[Mode, ModeStrategy] = {
+    "init": ModeStrategy(frozenset({"weight", "bias"}), None, keep_norm=True),
     "reparam": ModeStrategy(frozenset({"bias"}), _install_reparam,
                             "weight parametrized as W_raw * (1 / sigma); fxeq.finalize bakes it in"),
     "explicit": ModeStrategy(frozenset(), _register_explicit,
                              "explicit (x - mu) / sigma before this conv; fxeq.finalize bakes it into the weights"),
 }
-"""The modes, by name: adding a mode is one entry."""
+"""The modes, by name: adding a mode is one entry here (and its name in :data:`Mode`)."""
 
-MODES: tuple[str, ...] = tuple(STRATEGIES)
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+
+def check_mode(mode: object, keep_norm: object = False) -> None:
+    """Refuse an unknown mode, or ``keep_norm`` with a mode it does not apply to, before any work.
+
+    Raises:
+        ValueError: naming the argument and what it may be.
+
+    Example:
+        >>> check_mode("reparam", keep_norm=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: keep_norm=True applies to mode='init' only, got mode='reparam'
+    """
+    if mode not in STRATEGIES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, STRATEGIES))}; got {mode!r}")
+    if keep_norm and not STRATEGIES[cast(Mode, mode)].keep_norm:
+        allowed = " or ".join(f"mode={m!r}" for m, s in STRATEGIES.items() if s.keep_norm)
+        raise ValueError(f"keep_norm=True applies to {allowed} only, got mode={mode!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +278,7 @@ def finalize(model: nn.Module) -> nn.Module:
                     del module._forward_pre_hooks[key]
             del module._modules[_HOOK]
             notes += _bake(name or "model", module.weight, module.bias, hook.batch_norm,  # type: ignore[arg-type]
-                           hook.mean.flatten(), 1.0 / hook.inv_std.flatten().double(), hook.groups)
+                           hook.mean.flatten(), 1.0 / hook.inv_std.flatten().double(), hook.conv)
     if isinstance(model, fx.GraphModule):
         for record in model.__dict__.pop(_NODES, []):
             notes += _remove_explicit_nodes(model, record)
@@ -275,7 +289,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 def _remove_explicit_nodes(gm: fx.GraphModule, record: _ExplicitNodes) -> list[str]:
     nodes = {n.name: n for n in gm.graph.nodes}
-    conv, sub, mul = nodes[record.conv], nodes[record.nodes[0]], nodes[record.nodes[1]]
+    conv, sub, mul = nodes[record.node], nodes[record.nodes[0]], nodes[record.nodes[1]]
     mean, inv_std = getattr(gm, record.attrs[0]), getattr(gm, record.attrs[1])
     constants = (sub.args[1], mul.args[1])
     conv.update_arg(0, nodes[record.source])
@@ -284,25 +298,32 @@ def _remove_explicit_nodes(gm: fx.GraphModule, record: _ExplicitNodes) -> list[s
     for attr in record.attrs:
         delattr(gm, attr)
     gm.recompile()
-    bn = gm.get_submodule(record.batch_norm) if record.batch_norm else None
-    bias = gm.get_parameter(record.bias) if record.bias else None
-    return _bake(record.weight.rsplit(".", 1)[0], gm.get_parameter(record.weight), bias, bn,
-                 mean.flatten(), 1.0 / inv_std.flatten().double(), record.groups)
+    c = record.conv
+    bn = gm.get_submodule(c.batch_norm) if c.batch_norm else None
+    bias = gm.get_parameter(c.bias) if c.bias else None
+    return _bake(c.module or "model", gm.get_parameter(c.weight), bias, bn, mean.flatten(),
+                 1.0 / inv_std.flatten().double(), c)
 
 
 def _bake(
     name: str, weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None,
-    mean: torch.Tensor, std: torch.Tensor, groups: int,
+    mean: torch.Tensor, std: torch.Tensor, conv: FusingConv,
 ) -> list[str]:
-    new_weight, new_bias = fold(weight, bias, mean, std, groups)
+    """Fold the explicit equalizer into the conv's weight, and its mean wherever it can go."""
+    strided = conv.transposed and any(s != 1 for s in conv.stride)
+    new_weight, new_bias = fold(weight, None if strided else bias, mean, std, conv.groups, conv.transposed)
     with torch.no_grad():
         weight.copy_(new_weight)
+        if strided:
+            return [f"conv {name}: a transposed conv with stride {conv.stride} gives each output phase its own "
+                    f"kernel taps, so the mean ({mean.abs().max().item():.3g} at most) has no single bias and was "
+                    "not folded; outputs differ from the explicit equalizer by that term"]
         if bias is not None and new_bias is not None:
             bias.copy_(new_bias)
             return []
         running_mean = getattr(bn, "running_mean", None)
         if isinstance(running_mean, torch.Tensor):
-            running_mean.add_(mean_term(new_weight, mean, groups).to(running_mean.dtype))
+            running_mean.add_(mean_term(new_weight, mean, conv.groups, conv.transposed).to(running_mean.dtype))
             return []
     return [f"conv {name}: no bias and no batch norm after it, so the mean ({mean.abs().max().item():.3g} "
             "at most) could not be folded; outputs differ from the explicit equalizer by that term"]

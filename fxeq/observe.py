@@ -22,16 +22,20 @@ forward is not needed: :class:`SiteObservers` can stop it there
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .errors import CalibrationError
-from .sites import Site
+from .sites import Site, observation_point
 
-__all__ = ["PassDone", "ScaleObserver", "SiteObservers", "channel_moments", "observation_point"]
+__all__ = [
+    "InputStats", "PassDone", "ScaleObserver", "SiteObservers", "channel_moments", "merge_across_ranks",
+]
 
 
 _BLOCK_ELEMENTS = 1 << 20  # float32 elements centred at once by channel_moments
@@ -98,7 +102,6 @@ class ScaleObserver(nn.Module):
         self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
         self.count = 0
         self.samples = 0
-        self.enabled = True
 
     def reset(self) -> None:
         """Forget everything seen so far."""
@@ -108,7 +111,7 @@ class ScaleObserver(nn.Module):
         self.samples = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and x.numel():
+        if x.numel():
             self.observe_channels(*channel_moments(x), samples=x.shape[0] if x.dim() else 1)
         return x
 
@@ -136,37 +139,65 @@ class ScaleObserver(nn.Module):
         return (self.m2 / self.count).sqrt() if self.count else torch.full_like(self.m2, float("nan"))
 
 
+@dataclass(frozen=True)
+class InputStats:
+    """Global statistics of one concatenation input over the calibration data.
+
+    Attributes:
+        mean: mean over all of N, C, H, W and all batches.
+        std: population standard deviation over the same.
+        count: number of elements seen.
+        samples: number of samples (batch items) seen.
+    """
+
+    mean: float
+    std: float
+    count: int
+    samples: int
+
+    @classmethod
+    def of(cls, observer: ScaleObserver) -> InputStats:
+        """Read an observer (one host synchronization)."""
+        mean, std = torch.stack([observer.mean, observer.std()]).tolist()
+        return cls(mean=mean, std=std, count=observer.count, samples=observer.samples)
+
+
+
+def merge_across_ranks(observers: Sequence[ScaleObserver], batches: int = 0) -> int:
+    """Replace each observer's statistics with those of all ranks together; return all ranks' batches.
+
+    Does nothing (and returns ``batches``) unless ``torch.distributed`` is
+    initialized with more than one rank. One ``all_gather`` carries every
+    observer's (count, samples, mean, M2) and this rank's batch count; the
+    merge is associative, so every rank ends with the same numbers.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return batches
+    device = observers[0].mean.device if observers else torch.device("cpu")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    local = torch.stack([
+        torch.stack([zero + float(o.count), zero + float(o.samples), o.mean.to(device), o.m2.to(device)])
+        for o in observers
+    ] + [torch.stack([zero + float(batches), zero, zero, zero])])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    parts = torch.stack(gathered).cpu()
+    for k, observer in enumerate(observers):
+        observer.reset()
+        for count, samples, mean, m2 in parts[:, k].tolist():
+            observer.merge(int(count), torch.tensor(mean, dtype=torch.float64, device=observer.mean.device),
+                           torch.tensor(m2, dtype=torch.float64, device=observer.mean.device))
+            observer.samples += int(samples)
+    return int(parts[:, -1, 0].sum().item())
+
+
 class PassDone(BaseException):
     """Raised by :class:`SiteObservers` to end a forward once nothing more is to be observed.
 
     A ``BaseException``, so that a model's own ``except Exception`` does not swallow it.
     """
-
-
-def observation_point(model: nn.Module, site: Site) -> nn.Module | str:
-    """The conv module whose input is observed for ``site``, or why there is none.
-
-    It is the module that owns the first fusing conv's weight, and it must be
-    a conv module that holds that weight as its own ``weight`` parameter: then
-    its pre-hooks see exactly the tensor the conv multiplies by the weight.
-
-    Example:
-        >>> from fxeq.sites import FusingConv, SiteInput
-        >>> conv = FusingConv("c", "c", "c.weight", None, 1, False, False)
-        >>> site = Site("cat", (SiteInput(0, "a", (0, 3), "a"),), (conv,))
-        >>> type(observation_point(nn.ModuleDict({"c": nn.Conv2d(3, 1, 1)}), site)).__name__
-        'Conv2d'
-    """
-    conv = site.convs[0]
-    try:
-        module = model.get_submodule(conv.module) if conv.module else model
-    except AttributeError:
-        return f"the model has no module {conv.module!r} (the owner of {conv.weight})"
-    local = conv.weight.rpartition(".")[2]
-    if not isinstance(module, nn.modules.conv._ConvNd) or local != "weight":
-        return (f"its conv weight {conv.weight} belongs to a {type(module).__name__}, not to a conv module "
-                "(fxeq observes the input of the conv module that owns the weight)")
-    return module
 
 
 class SiteObservers:

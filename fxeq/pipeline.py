@@ -1,11 +1,11 @@
-"""The public pipeline: find → prepare → calibrate → convert (rewrite).
+"""The public pipeline: find → prepare → calibrate → convert.
 
 :func:`transform` runs all of it::
 
-    model ── capture ─── find_sites ──── calibration passes ────── fold ──── GraphModule
-             (fx/export,  (a graph, for    (the eager model, hooks    (new weights,
-              one batch)   analysis only)   at the fusing convs,       original graph)
-                                            one pass per generation)
+    model ── capture ───── find_sites ──── calibration passes ────── rewrite ──── GraphModule
+             (fx, export,   (a graph, for    (the eager model, hooks    (new weights,   (or, inplace=True,
+              concrete)      analysis only)   at the fusing convs,       original        your model)
+                                              one pass per generation)   graph)
 
 The steps are public too, in the spirit of torch.ao's prepare/convert::
 
@@ -13,17 +13,20 @@ The steps are public too, in the spirit of torch.ao's prepare/convert::
     fxeq.calibrate(prepared, loader)
     deployed = fxeq.convert(prepared)
 
-Copy by default: the input model is untouched unless ``inplace=True``, in which
-case its own parameters are rewritten as well, so its class, methods and
-state_dict keys keep working in training code, at any input size. Either way
-the rewrite is transactional: nothing is written until every new tensor has
-been computed and validated, and capture and calibration restore every
-buffer and training flag they touch.
+Each step checks its arguments and hands over to its stage:
+:mod:`fxeq.capturing`, :mod:`fxeq.sites`, :mod:`fxeq.calibration` and
+:mod:`fxeq.rewrite`.
 
-The returned GraphModule shares the rewritten parameters. From the export
-frontend it is specialized to the first batch's spatial size (its batch size
-stays dynamic unless ``dynamic=False``) and refuses another size with the fix,
-unless ``dynamic=True``.
+Copy by default: the input model is untouched, and the deployable graph of a
+copy is returned (fx, or export specialized to the first batch's spatial size
+with a dynamic batch size, unless ``dynamic`` says otherwise). With
+``inplace=True`` the model's own parameters are rewritten and the model itself
+is returned, so its class, methods and state_dict keys keep working in
+training code, at any input size; no deployable graph is needed then, so a
+model that neither fx nor export can capture is found on a concrete trace.
+Either way the rewrite is transactional: nothing is written until every new
+tensor has been computed and validated, and capture and calibration restore
+every buffer and training flag they touch.
 """
 
 from __future__ import annotations
@@ -31,30 +34,22 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from .calibration import (
-    Calibration,
-    CalibrationData,
-    InputFn,
-    InputStats,
-    batch_inputs,
-    calibrate_sites,
-    check_arguments,
-    model_device_and_dtype,
-)
-from .capturing import Captured, Dynamic, Frontend, FxEqGraphModule, Inputs, as_inputs, capture, unwrap
-from .errors import AlreadyEqualizedError, FxEqError, NoSiteWarning
-from .modes import MODES, STRATEGIES, Mode, keep_norms
-from .observe import observation_point
+from ._model import Inputs, as_inputs, checked_model, input_signature, model_device_and_dtype
+from .batches import CalibrationData, InputFn, batch_inputs, check_arguments
+from .calibration import Calibration, calibrate_sites
+from .capturing import Captured, Dynamic, FrontendChoice, FxEqGraphModule, capture
+from .errors import AlreadyEqualizedError, CaptureError, FxEqError, NoSiteWarning
+from .modes import Mode, check_mode
+from .observe import InputStats
 from .report import Report
-from .rewrite import check_not_equalized, copy_into, mark_folded, resolve_parameters, site_vectors
-from .sites import Site, SiteSearch, Skipped, find_sites
+from .rewrite import Rewritten, check_not_equalized, equalize
+from .sites import SiteSearch, find_sites
 
 __all__ = ["Prepared", "calibrate", "convert", "find", "prepare", "transform"]
 
@@ -69,18 +64,29 @@ class Prepared:
         model: the model that is calibrated and rewritten (the user's own
             with ``inplace=True``, else a private copy).
         original: the model as passed (unwrapped).
-        captured: the deployable graph.
+        captured: the graph the sites were found in.
         search: sites and skipped concatenations.
+        example: the shapes and dtypes of the batch the model was captured with.
         calibration: filled by :func:`calibrate`.
+        rewritten: what :func:`convert` wrote, once it has run.
         converted: the mode :func:`convert` used, once it has run.
+        keep_norm: whether :func:`convert` was asked to keep weight norms.
     """
 
     model: nn.Module
     original: nn.Module
     captured: Captured
     search: SiteSearch
+    example: dict[str, Any] | None = None
     calibration: Calibration | None = None
-    converted: str | None = None
+    rewritten: Rewritten | None = None
+    converted: Mode | None = None
+    keep_norm: bool = False
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the user's own model is rewritten."""
+        return self.model is self.original
 
     @property
     def stats(self) -> dict[tuple[str, int], InputStats]:
@@ -90,15 +96,21 @@ class Prepared:
     @property
     def report(self) -> Report:
         """The report as it stands."""
-        return Report(self.search, self.captured.frontend, dict(self.stats), folded=self.converted is not None,
-                      mode=self.converted or "init", calibration=self.calibration)
+        rewritten = self.rewritten
+        return Report(
+            self.search, self.captured.frontend, dict(self.stats), folded=bool(rewritten and self.search.sites),
+            mode=self.converted or "init", keep_norm=self.keep_norm,
+            notes=dict(rewritten.notes) if rewritten else {}, writes=dict(rewritten.writes) if rewritten else {},
+            norms_kept=rewritten.keep_norm if rewritten else frozenset(),
+            calibration=self.calibration.summary if self.calibration else None, example=self.example,
+        )
 
 
 def find(
     model: nn.Module,
     example_inputs: Example,
     *,
-    frontend: Frontend = "auto",
+    frontend: FrontendChoice = "auto",
     all_concats: bool = False,
     dynamic: Dynamic = False,
 ) -> Report:
@@ -108,7 +120,8 @@ def find(
         model: the model.
         example_inputs: one batch: a Tensor, a tuple of positional inputs, or
             a dict of keyword arguments.
-        frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
+        frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"``.
+            Default: ``"auto"`` (any graph will do: none is returned).
         all_concats: also count concatenations without an upsampled input.
             Default: False.
         dynamic: which sizes an export keeps symbolic (see :func:`prepare`);
@@ -118,15 +131,22 @@ def find(
         An uncalibrated :class:`~fxeq.report.Report`.
 
     Example:
-        >>> import torchvision
-        >>> net = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None)
-        >>> find(net, torch.randn(2, 3, 64, 64)).search.sites
-        ()
+        >>> import torch.nn.functional as F
+        >>> class Fuse(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
+        ...     def forward(self, x):
+        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
+        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> [c.module for s in find(Fuse(), torch.randn(2, 3, 8, 8)).search.sites for c in s.convs]
+        ['fuse']
     """
-    model = _checked_model(model)
+    model = checked_model(model)
     with torch.no_grad():
-        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic)
-    return Report(_observable(find_sites(captured.module, all_concats=all_concats), model), captured.frontend)
+        captured = capture(model, as_inputs(example_inputs), frontend=frontend, dynamic=dynamic, deployable=False)
+    search = find_sites(captured.module, all_concats=all_concats, model=model)
+    return Report(search, captured.frontend, example=input_signature(as_inputs(example_inputs)))
 
 
 def prepare(
@@ -134,7 +154,7 @@ def prepare(
     example_inputs: Example | Inputs,
     *,
     inplace: bool = False,
-    frontend: Frontend = "auto",
+    frontend: FrontendChoice = "auto",
     all_concats: bool = False,
     dynamic: Dynamic = "batch",
 ) -> Prepared:
@@ -143,28 +163,32 @@ def prepare(
     Args:
         model: the model (DataParallel, DDP and torch.compile are unwrapped).
         example_inputs: one batch of inputs on the model's device: a Tensor,
-            a tuple of positional inputs, or a dict of keyword arguments. With
-            ``dynamic="batch"``, a batch of one sample is repeated to two, so
-            that torch.export keeps the batch size dynamic.
-        inplace: rewrite ``model``'s own parameters on :func:`convert`.
-            Default: False (work on a deep copy).
-        frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
+            a tuple of positional inputs, or a dict of keyword arguments.
+        inplace: rewrite ``model``'s own parameters on :func:`convert`, which
+            then returns the model itself. Default: False (work on a deep copy
+            and return its deployable graph).
+        frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"`` (only
+            with ``inplace=True``: its graph is not deployable). Default: ``"auto"``.
         all_concats: also equalize concatenations with no upsampled input
-            (FCN ``concat_input`` heads). Default: False.
+            (FCN ``concat_input`` heads, learned upsampling). Default: False.
         dynamic: which sizes an export keeps symbolic: ``"batch"`` (the
             returned GraphModule takes any batch size), ``False`` (none: the
             cheapest capture) or ``True`` (any size; can cost minutes). See
             :func:`fxeq.capturing.capture`. Default: ``"batch"``.
 
     Raises:
-        ValueError: the model has parameters on the meta device.
+        ValueError: the model has parameters on the meta device, or
+            ``frontend="concrete"`` without ``inplace=True``.
         CaptureError: the model could not run or be captured.
         AlreadyEqualizedError: fxeq already equalized a conv of the model.
     """
     original = _checked_model(model)
+    if frontend == "concrete" and not inplace:
+        raise ValueError(
+            "frontend='concrete' records one eager forward, which finds the sites but is no graph to deploy; "
+            "pass inplace=True to rewrite your model itself, or frontend='auto' for a deployable graph"
+        )
     args, kwargs = as_inputs(example_inputs)
-    if dynamic == "batch":
-        args, kwargs = pytree.tree_map_only(torch.Tensor, _at_least_two, (args, kwargs))
     try:
         target = original if inplace else copy.deepcopy(original)
     except Exception as e:
@@ -173,9 +197,16 @@ def prepare(
             "on a copy unless inplace=True. Make the model deep-copyable, or pass inplace=True."
         ) from e
     with torch.no_grad():
-        captured = capture(target, (args, kwargs), frontend=frontend, dynamic=dynamic)
-    search = _observable(find_sites(captured.module, all_concats=all_concats), target)
-    return Prepared(target, original, captured, search)
+        try:
+            # With inplace=True no graph is returned, so an export may be fully static (the cheapest).
+            captured = capture(target, (args, kwargs), frontend=frontend, dynamic=dynamic if not inplace else False,
+                               deployable=not inplace)
+        except CaptureError as e:
+            if inplace or frontend != "auto" or e.stage != "trace":
+                raise
+            raise _no_deployable_graph(target, (args, kwargs), e, all_concats) from e
+    search = find_sites(captured.module, all_concats=all_concats, model=target)
+    return Prepared(target, original, captured, search, example=input_signature((args, kwargs)))
 
 
 def calibrate(
@@ -204,21 +235,20 @@ def calibrate(
         progress: show a progress bar; None shows one when stderr is a
             terminal. Default: None.
         min_std: smallest std accepted for an input. Default: 1e-6.
-        one_pass: measure chained sites in a single pass on the unfolded
-            model (faster, approximate downstream). Default: False.
+        one_pass: measure chained sites in a single pass on the model as it
+            is (faster, approximate downstream). Default: False.
 
     Returns:
         ``prepared``, with ``calibration`` filled in.
 
     Raises:
-        AlreadyEqualizedError: ``prepared`` was already converted.
+        AlreadyEqualizedError: ``prepared`` was already converted, or fxeq
+            equalized its model since it was prepared (another ``Prepared`` of
+            the same model, with ``inplace=True``).
         CalibrationError: empty loader, failing batch, unusable statistics.
     """
-    if prepared.converted is not None:
-        raise AlreadyEqualizedError(
-            f"this Prepared was already converted (mode={prepared.converted!r}); calibrating it again would "
-            "measure the equalized model and equalize twice. Call fxeq.prepare on the original model instead."
-        )
+    _check_not_converted(prepared, "calibrating it again would measure the equalized model and equalize twice. "
+                                   "Call fxeq.prepare on the original model instead.")
     data = calib_loader if isinstance(calib_loader, CalibrationData) else CalibrationData(calib_loader)
     prepared.calibration = calibrate_sites(
         prepared.model, prepared.search, data, num_batches=num_batches, input_fn=input_fn,
@@ -227,8 +257,8 @@ def calibrate(
     return prepared
 
 
-def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> FxEqGraphModule:
-    """Put the measured equalizer into the model; return the deployable graph.
+def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False) -> nn.Module:
+    """Put the measured equalizer into the model; return the deployable graph, or the model with ``inplace=True``.
 
     Args:
         prepared: calibrated by :func:`calibrate`.
@@ -241,62 +271,39 @@ def convert(prepared: Prepared, *, mode: Mode = "init", keep_norm: bool = False)
             the conv; the report says where it was refused. Default: False.
 
     Returns:
-        The captured GraphModule, in eval mode unless it shares modules with
-        an ``inplace=True`` model, with its :class:`~fxeq.report.Report` at
-        ``.fxeq_report``. In ``"init"`` mode its graph is exactly the captured
-        one. With ``inplace=True`` the user's model holds the same equalizer.
+        Without ``inplace``: the captured :class:`~fxeq.capturing.FxEqGraphModule`,
+        in eval mode; in ``"init"`` mode its graph is exactly the captured one.
+        With ``inplace=True``: the user's model, rewritten. Either way the
+        :class:`~fxeq.report.Report` is at ``.fxeq_report``.
 
     Raises:
         ValueError: unknown mode, or ``keep_norm`` outside ``"init"``.
-        AlreadyEqualizedError: ``prepared`` was already converted.
+        AlreadyEqualizedError: ``prepared`` was already converted, or its model
+            was equalized since it was prepared.
         FxEqError: :func:`calibrate` has not run.
     """
-    _check_mode(mode, keep_norm)
-    if prepared.converted is not None:
-        raise AlreadyEqualizedError(
-            f"this Prepared was already converted (mode={prepared.converted!r}); converting again would "
-            "equalize twice. Use the module the first convert returned."
-        )
-    if prepared.search.sites and prepared.calibration is None:
+    check_mode(mode, keep_norm)
+    _check_not_converted(prepared, "converting again would equalize twice. Use the module the first convert "
+                                   "returned.")
+    sites = prepared.search.sites
+    if sites and prepared.calibration is None:
         raise FxEqError("convert() needs calibration statistics; call fxeq.calibrate(prepared, loader) first")
-    module = prepared.captured.module
-    targets = (module, prepared.model)
-    inplace_model = prepared.model if prepared.model is prepared.original else None
-    strategy = STRATEGIES[mode]
-    notes: dict[str, list[str]] = {}
-    new = dict(prepared.calibration.parameters) if prepared.calibration else {}
-    installs = []
-    for site in prepared.search.sites:
-        mean, std = site_vectors(site, *_site_stats(prepared.stats, site))
-        for conv in site.convs:
-            if keep_norm and conv.batch_norm is None:
-                notes.setdefault(conv.weight, []).append(
-                    "keep_norm refused: no batch norm reads this conv, so its output depends on the weight norm"
-                )
-            elif keep_norm:
-                original = module.get_parameter(conv.weight)
-                new[conv.weight], bias = keep_norms(original, new[conv.weight], new.get(conv.bias or ""))
-                if conv.bias is not None and bias is not None:
-                    new[conv.bias] = bias
-                notes.setdefault(conv.weight, []).append("keep_norm: per-output-channel weight norms restored")
-            for kind, name in (("weight", conv.weight), ("bias", conv.bias)):
-                if name is not None and kind not in strategy.writes:
-                    new.pop(name, None)
-            installs.append((conv, mean, std))
-    writes = resolve_parameters(targets, new)  # validate everything before changing anything
-    if strategy.install is not None:
-        for conv, mean, std in installs:
-            strategy.install(module, inplace_model, conv, mean, std)
-    copy_into(writes)
-    mark_folded(targets, {conv.weight: site.name for site in prepared.search.sites for conv in site.convs})
-    prepared.converted = mode
-    if prepared.model is not prepared.original:
-        module.eval()
-    module.fxeq_report = Report(
-        prepared.search, prepared.captured.frontend, dict(prepared.stats),
-        folded=bool(prepared.search.sites), mode=mode, notes=notes, calibration=prepared.calibration,
-    )
-    return module
+    graph = None if prepared.inplace else prepared.captured.module
+    if sites:
+        stats = prepared.stats
+        prepared.rewritten = equalize(
+            sites, {k: s.mean for k, s in stats.items()}, {k: s.std for k, s in stats.items()},
+            prepared.calibration.parameters if prepared.calibration else {},
+            graph=graph, model=prepared.model, mode=mode, keep_norm=keep_norm,
+        )
+    else:
+        prepared.rewritten = Rewritten({}, {})
+    prepared.converted, prepared.keep_norm = mode, keep_norm
+    result: nn.Module = prepared.model if graph is None else graph
+    if graph is not None:
+        graph.eval()
+    result.fxeq_report = prepared.report  # type: ignore[assignment]
+    return result
 
 
 def transform(
@@ -304,7 +311,7 @@ def transform(
     calib_loader: Iterable[Any],
     *,
     inplace: bool = False,
-    frontend: Frontend = "auto",
+    frontend: FrontendChoice = "auto",
     all_concats: bool = False,
     num_batches: int | None = None,
     input_fn: InputFn | None = None,
@@ -314,7 +321,7 @@ def transform(
     keep_norm: bool = False,
     one_pass: bool = False,
     dynamic: Dynamic = "batch",
-) -> FxEqGraphModule:
+) -> nn.Module:
     """Equalize the scales of every multi-level fusion in ``model``.
 
     Finds interpolate → cat → conv sites, measures each concatenation input's
@@ -331,8 +338,9 @@ def transform(
             anything ``input_fn`` maps. Every batch is used, the first one
             also to capture the model. Re-iterable when the model has chained
             sites (a list, a DataLoader).
-        inplace: also rewrite ``model``'s own parameters. Default: False.
-        frontend: ``"auto"`` (fx, else export), ``"fx"`` or ``"export"``.
+        inplace: rewrite ``model``'s own parameters and return it. Default: False.
+        frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"`` (with
+            ``inplace=True``). Default: ``"auto"``.
         all_concats: also equalize concatenations without upsampled inputs.
         num_batches: at most this many batches per pass. Default: all.
         input_fn: batch → the model's input (Tensor, tuple or dict). Default: None.
@@ -343,34 +351,38 @@ def transform(
             and :mod:`fxeq.modes`. Default: ``"init"`` (as in the paper).
         keep_norm: with ``"init"``, restore per-output-channel weight norms
             where a batch norm follows. Default: False.
-        one_pass: measure chained sites in one pass on the unfolded model
+        one_pass: measure chained sites in one pass on the model as it is
             (approximate downstream; the report says so). Default: False.
         dynamic: which sizes an export keeps symbolic: ``"batch"`` (default:
             the returned GraphModule takes any batch size), ``False`` (none:
             the cheapest capture) or ``True`` (any size; can cost minutes).
 
     Returns:
-        The deployable GraphModule in eval mode, with its report at
-        ``.fxeq_report``. From the export frontend it accepts any batch size
-        (unless ``dynamic=False``) but only the first batch's spatial size
-        (unless ``dynamic=True``); with ``inplace=True`` your own model takes
-        every size. A model without any
-        site comes back unchanged, with a warning.
+        Without ``inplace``: the deployable GraphModule in eval mode. From the
+        export frontend it accepts any batch size (unless ``dynamic=False``)
+        but only the first batch's spatial size (unless ``dynamic=True``).
+        With ``inplace=True``: your model, rewritten, which takes every size.
+        The report is at ``.fxeq_report``. A model without any site comes back
+        unchanged, with a warning.
 
     Raises:
         CaptureError, CalibrationError, AlreadyEqualizedError: see the messages.
         Whatever is raised, the model is left exactly as it was.
 
     Example:
-        >>> import torchvision
-        >>> net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
-        ...     weights=None, weights_backbone=None)
-        >>> batches = [torch.randn(2, 3, 64, 64) for _ in range(2)]
-        >>> deployed = transform(net, batches)
-        >>> [s.convs[0].module for s in deployed.fxeq_report.search.sites]
-        ['classifier.0.project.0']
+        >>> import torch.nn.functional as F
+        >>> class Fuse(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
+        ...     def forward(self, x):
+        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
+        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> deployed = transform(Fuse(), [torch.randn(2, 3, 8, 8) for _ in range(2)])
+        >>> [s.convs[0].module for s in deployed.fxeq_report.search.sites], type(deployed).__name__
+        (['fuse'], 'Fuse')
     """
-    _check_mode(mode, keep_norm)  # before any work
+    check_mode(mode, keep_norm)  # before any work
     check_arguments(num_batches=num_batches, min_std=min_std)
     original = _checked_model(model)
     data = CalibrationData(calib_loader)
@@ -379,89 +391,71 @@ def transform(
     prepared = prepare(original, example, inplace=inplace, frontend=frontend, all_concats=all_concats,
                        dynamic=dynamic)
     if not prepared.search.sites:
-        reasons = "".join(f"\n  {s.node}: {s.reason}" for s in prepared.search.skipped[:8])
-        warnings.warn(
-            f"fxeq found no fusion site in {type(original).__name__}: it looks for a channel "
-            "concatenation (torch.cat, dim=1) with an upsampled input (F.interpolate, nn.Upsample, "
-            "aten.upsample_*) whose output feeds a conv. The model is returned unchanged."
-            + (f" Skipped concatenations:{reasons}" if reasons else "")
-            + ("" if all_concats else "\nPass all_concats=True for same-resolution concatenations."),
-            NoSiteWarning,
-            stacklevel=2,
-        )
+        warnings.warn(no_site_message(original, prepared.search, all_concats), NoSiteWarning, stacklevel=2)
         return convert(prepared, mode=mode)
     calibrate(prepared, data, num_batches=num_batches, input_fn=input_fn, progress=progress,
               min_std=min_std, one_pass=one_pass)
     return convert(prepared, mode=mode, keep_norm=keep_norm)
 
 
+def no_site_message(model: nn.Module, search: SiteSearch, all_concats: bool) -> str:
+    """What to say when a model has no fusion site: what fxeq looks for, and what it skipped (once each)."""
+    reasons = "".join(f"\n  {s.node}: {s.reason}" for s in search.skipped[:8])
+    more = len(search.skipped) - 8
+    learned = any("learned upsampling" in s.reason for s in search.skipped)
+    hint = ""
+    if not all_concats:
+        hint = ("\nPass all_concats=True to equalize concatenations of learned upsampling (a transposed conv, "
+                "pixel shuffle) too." if learned else
+                "\nPass all_concats=True for same-resolution concatenations.")
+    return (
+        f"fxeq found no fusion site in {type(model).__name__}: it looks for a channel "
+        "concatenation (torch.cat, dim=1) with an upsampled input (F.interpolate, nn.Upsample, "
+        "aten.upsample_*) whose output feeds a conv. The model is returned unchanged."
+        + (f" Skipped concatenations:{reasons}" if reasons else "")
+        + (f"\n  ... and {more} more" if more > 0 else "")
+        + hint
+    )
+
+
 def _checked_model(model: nn.Module) -> nn.Module:
     """Unwrap the model and refuse what fxeq cannot work on, before any work."""
-    model = unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
-    if meta is not None:
-        raise ValueError(
-            f"{type(model).__name__} has tensors on the meta device (e.g. {meta}): they hold no values to "
-            "calibrate or rescale. Load real weights first, e.g. model.to_empty(device='cpu') and then "
-            "model.load_state_dict(state)."
-        )
+    model = checked_model(model)
     check_not_equalized(model)
     return model
 
 
-def _observable(search: SiteSearch, model: nn.Module) -> SiteSearch:
-    """Move the sites fxeq cannot equalize in ``model`` itself to the skipped list.
-
-    The graph may not show everything: a conv whose input a pre-hook cannot
-    observe, or a weight tied to a module the graph never calls.
-    """
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    keep: list[Site] = []
-    skipped = list(search.skipped)
-    for site in search.sites:
-        point = observation_point(model, site)
-        tied = [n for c in site.convs for name in (c.weight, c.bias) if name
-                for n in names.get(id(_parameter(model, name)), []) if n != name]
-        if isinstance(point, str):
-            skipped.append(Skipped(site.name, point))
-        elif tied:
-            skipped.append(Skipped(site.name, f"its conv {site.convs[0].module} shares parameters with "
-                                   f"{', '.join(tied)} (tied parameters); rescaling them would change those too"))
-        else:
-            keep.append(site)
-    if len(keep) == len(search.sites):
-        return search
-    names = {s.name for s in keep}
-    kept = [replace(s, depends_on=tuple(d for d in s.depends_on if d in names)) for s in keep]
-    return SiteSearch(tuple(kept), tuple(skipped))
-
-
-def _parameter(model: nn.Module, name: str) -> object:
+def _check_not_converted(prepared: Prepared, consequence: str) -> None:
+    """Refuse a Prepared that was converted, or whose model was equalized since (by another Prepared)."""
+    if prepared.converted is not None:
+        raise AlreadyEqualizedError(f"this Prepared was already converted (mode={prepared.converted!r}); "
+                                    + consequence)
     try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return None
+        check_not_equalized(prepared.model)
+    except AlreadyEqualizedError as e:
+        raise AlreadyEqualizedError(
+            f"{e} The model of this Prepared was equalized after fxeq.prepare (by another Prepared of the same "
+            "model with inplace=True?); " + consequence
+        ) from e
 
 
-def _at_least_two(t: torch.Tensor) -> torch.Tensor:
-    """A batch of one sample, repeated: torch.export specializes a batch size of 1."""
-    return torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
-
-
-def _check_mode(mode: str, keep_norm: bool) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if keep_norm and mode != "init":
-        raise ValueError(f"keep_norm applies to mode='init' only, got mode={mode!r}")
-
-
-def _site_stats(stats: dict[tuple[str, int], InputStats], site: Site) -> tuple[dict[int, float], dict[int, float]]:
-    """Per input index, a site's measured means and stds."""
-    return (
-        {i.index: stats[site.name, i.index].mean for i in site.inputs},
-        {i.index: stats[site.name, i.index].std for i in site.inputs},
+def _no_deployable_graph(model: nn.Module, example: Inputs, error: CaptureError, all_concats: bool) -> CaptureError:
+    """The error for a model no graph frontend captures: whether ``inplace=True`` would work, found out."""
+    try:
+        concrete = capture(model, example, frontend="concrete")
+    except CaptureError as e:
+        failures = {**error.failures, **e.failures}
+        listed = "\n".join(f"  {n}: {t}" for n, t in failures.items())
+        return CaptureError(
+            f"could not capture {type(model).__name__} as a graph; tried fx, export and a concrete trace:\n{listed}"
+            "\nfx needs a forward without data-dependent Python control flow; torch.export needs a forward it "
+            "can export on the example batch; the concrete trace needs a forward that runs eagerly on it.",
+            stage="trace", failures=failures,
+        )
+    found = find_sites(concrete.module, all_concats=all_concats, model=model)
+    return CaptureError(
+        f"{error}\nA concrete trace of one eager forward works and finds {len(found.sites)} fusion site(s), but "
+        "it is no graph to deploy. Pass inplace=True: fxeq then rewrites your model itself (its class, methods "
+        "and every input size) and needs no deployable graph.",
+        stage="trace", failures=error.failures,
     )

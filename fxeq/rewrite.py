@@ -1,194 +1,158 @@
-"""Rewrite: fold the scale equalizer into the fusing convs' weights.
+"""Rewrite: put the measured equalizer into a model, transactionally, in any mode.
 
-The equalizer standardizes each concatenation input i with scalars mu_i and
-sigma_i. Because a conv reads the concatenation, it folds into that conv::
+One entry, :func:`equalize`, used by :func:`fxeq.convert` (the captured graph
+and, with ``inplace=True``, the user's model), by :func:`fxeq.apply` (a
+report's statistics, no data) and so by the training callbacks and the
+benchmarks::
 
-    before:  cat(x_1..x_K) ── (x - mu) / sigma ── conv(W, b)
-    after:   cat(x_1..x_K) ── conv(W', b')       (the original graph)
+    folded tensors ── keep_norm policy ── what the mode writes ── validate all ── install ── write ── mark
+    (fxeq.fold)       (init only)          (STRATEGIES)           (shapes)        (hooks,    (copy_)  (AlreadyEqualized
+                                                                                   params)              next time)
 
-    W'[:, slice_i] = W[:, slice_i] / sigma_i
-    b'             = b - sum_i sum_kernel(W'[:, slice_i]) * mu_i
-
-The scale part is exact, for grouped and depthwise convs too. The mean part is
-exact wherever the conv does not read zero padding. A conv without a bias
-gets none (that would change state_dict keys), so its mean is not folded.
-
-All arithmetic is float64 and the result is cast back to each parameter's
-dtype. Writing is transactional: :func:`write_parameters` validates every new
-tensor before it changes any parameter.
+Nothing is written until every tensor has been computed and validated, so a
+failure leaves the model exactly as it was. The mark on each rewritten conv
+module (:func:`mark_folded`) makes a second run refuse, since the fold
+leaves the concatenation's inputs as they were and a second run would divide
+the weights again (:func:`check_not_equalized`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .errors import AlreadyEqualizedError, CalibrationError, FxEqError
+from ._model import resolve_owner
+from .errors import AlreadyEqualizedError, FxEqError
+from .fold import keep_norms, site_vectors
+from .modes import STRATEGIES, Mode, check_mode
+from .report import converted_report
 from .sites import Site
 
 __all__ = [
-    "check_not_equalized", "copy_into", "fold", "fold_site", "mark_folded", "mean_term", "per_weight_column",
-    "resolve_owner", "resolve_parameters", "site_vectors", "write_parameters",
+    "Rewritten", "check_not_equalized", "copy_into", "equalize", "mark_folded", "resolve_parameters",
+    "write_parameters",
 ]
 
 _MARK = "_fxeq_folded"
-_CONSTANT = 1e-5  # std / |mean| below which an input is constant up to float rounding
+_KEEP_NORM = "keep_norm: per-output-channel weight norms restored"
 
 
-def fold(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    groups: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold per-input-channel standardization into a conv's weight and bias.
+@dataclass(frozen=True)
+class Rewritten:
+    """What :func:`equalize` did, per fusing-conv weight name.
 
-    Args:
-        weight: conv weight, ``(out, in / groups, *kernel)``.
-        bias: conv bias ``(out,)`` or None (then the mean is not folded).
-        mean: per-input-channel mean to subtract, ``(in,)``.
-        std: per-input-channel std to divide by, ``(in,)``.
-        groups: conv groups. Default: 1.
-
-    Returns:
-        ``(new_weight, new_bias)`` in the parameters' dtypes; ``conv(x, W', b')``
-        equals ``conv((x - mean) / std, W, b)`` wherever no zero padding is read.
-
-    Example:
-        >>> w, b = torch.ones(1, 2, 1, 1), torch.zeros(1)
-        >>> w2, b2 = fold(w, b, torch.tensor([1.0, 0.0]), torch.tensor([2.0, 4.0]))
-        >>> w2.flatten().tolist(), b2.tolist()
-        ([0.5, 0.25], [-0.5])
+    Attributes:
+        writes: the conv's tensors that were written (``"weight"``, ``"bias"``).
+        notes: remarks for the report (keep_norm applied or refused).
+        keep_norm: the convs whose weight norms were restored.
     """
-    if mean.shape != std.shape:
-        raise ValueError(f"mean has shape {tuple(mean.shape)} but std has {tuple(std.shape)}")
-    new_weight = weight.double() * per_weight_column(1.0 / std.double(), weight.shape, groups)
-    if bias is None:
-        return new_weight.to(weight.dtype), None
-    new_bias = bias.double() - mean_term(new_weight, mean, groups)
-    return new_weight.to(weight.dtype), new_bias.to(bias.dtype)
+
+    writes: dict[str, tuple[str, ...]]
+    notes: dict[str, list[str]]
+    keep_norm: frozenset[str] = frozenset()
 
 
-def per_weight_column(values: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
-    """Spread per-input-channel values over a conv weight's ``(out, in / groups, 1, ...)`` layout.
-
-    Input channel c sits in group ``c // per_group`` at column ``c % per_group``,
-    and output channel o reads only its own group's columns.
-
-    Example:
-        >>> per_weight_column(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.Size([4, 2, 3, 3]), 2).flatten().tolist()
-        [1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]
-    """
-    out_channels, per_group = shape[:2]
-    if per_group * groups != values.numel():
-        raise ValueError(
-            f"weight {tuple(shape)} with groups={groups} reads {per_group * groups} channels, "
-            f"but mean/std have {values.numel()}"
-        )
-    spread = values.reshape(groups, per_group).repeat_interleave(out_channels // groups, dim=0)
-    return spread.reshape(out_channels, per_group, *(1,) * (len(shape) - 2))
-
-
-def mean_term(weight: torch.Tensor, mean: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per output channel, what subtracting ``mean`` from the input takes off ``conv(x, weight)``.
-
-    float64, ``sum_c sum_kernel(weight[:, c]) * mean[c]``; exact where no zero padding is read.
-    """
-    summed = weight.double().flatten(2).sum(-1)
-    return (summed * per_weight_column(mean.double(), weight.shape, groups).flatten(1)).sum(1)
-
-
-def fold_site(
-    site: Site,
-    mean: Mapping[int, float],
-    std: Mapping[int, float],
-    parameters: Mapping[str, torch.Tensor],
+def equalize(
+    sites: Sequence[Site],
+    mean: Mapping[tuple[str, int], float],
+    std: Mapping[tuple[str, int], float],
+    folded: Mapping[str, torch.Tensor],
     *,
-    min_std: float = 1e-6,
-) -> dict[str, torch.Tensor]:
-    """New tensors for every fusing-conv parameter of one site.
+    graph: fx.GraphModule | None = None,
+    model: nn.Module | None = None,
+    mode: Mode = "init",
+    keep_norm: bool = False,
+    norms: Collection[str] | None = None,
+) -> Rewritten:
+    """Write the equalizer of ``sites`` into ``graph`` and ``model`` in ``mode``, all or nothing.
 
     Args:
-        site: the site.
-        mean: per input index, the observed mean.
-        std: per input index, the observed std.
-        parameters: current tensors by parameter name (at least the site's).
-        min_std: smallest std accepted. Default: 1e-6.
+        sites: the sites to equalize.
+        mean: per (site name, input index), the mean folded.
+        std: per (site name, input index), the std folded.
+        folded: per parameter name, the folded tensor (:func:`fxeq.fold.fold_site`),
+            for every fusing conv's weight (and bias where the mean folds).
+        graph: the captured graph module, or None.
+        model: the model whose own parameters are rewritten too (it may share
+            them with ``graph``), or None. At least one of the two.
+        mode: see :mod:`fxeq.modes`. Default: ``"init"``.
+        keep_norm: restore each output channel's weight norm after the fold,
+            where a batch norm alone reads the conv (refused elsewhere, with
+            a note). Default: False.
+        norms: with ``keep_norm``, exactly the convs (weight names) whose norms
+            to restore, as a report recorded them, instead of that policy.
+            Default: None.
 
     Returns:
-        New tensor per parameter name (weights, and biases where present).
+        :class:`Rewritten`.
 
     Raises:
-        CalibrationError: a statistic is not finite, or a std is below
-            ``min_std`` or below 1e-5 x |mean| (a constant input up to rounding).
-        FxEqError: the folded weights overflow their dtype. Nothing is modified.
+        ValueError: unknown mode, or ``keep_norm`` with a mode it does not apply to.
+        FxEqError: a parameter's shape differs from its new tensor's; nothing is written.
     """
-    for inp in site.inputs:
-        m, s = mean[inp.index], std[inp.index]
-        if not (math.isfinite(m) and math.isfinite(s)):
-            found = "expected a finite mean and std"
-        elif s < min_std or s <= _CONSTANT * abs(m):
-            found = (f"expected a std of at least {min_std:g} and above {_CONSTANT:g} x |mean| (anything smaller is "
-                     "a constant input up to rounding)")
-        else:
-            continue
-        raise CalibrationError(
-            f"site {site.name!r} (conv {site.convs[0].module}), input {inp.index} "
-            f"(node {inp.node!r}, channels {inp.channels[0]}:{inp.channels[1]}, from {inp.producer}): "
-            f"{found}, found mean={m:.6g}, std={s:.6g}. Dividing by it would blow the conv's weights up. "
-            "Check the calibration data for NaN/Inf, that this branch is not constant (e.g. all-zero after "
-            "ReLU, or a 1x1 pooled map normalized over a batch of one sample: use batches of at least 2), "
-            "or raise min_std; nothing was modified."
-        )
-    mean_vec, std_vec = site_vectors(site, mean, std, device=parameters[site.convs[0].weight].device)
-    new: dict[str, torch.Tensor] = {}
-    for conv in site.convs:
-        weight, bias = fold(
-            parameters[conv.weight], parameters[conv.bias] if conv.bias else None, mean_vec, std_vec, conv.groups
-        )
-        new[conv.weight] = weight
-        if conv.bias is not None and bias is not None:
-            new[conv.bias] = bias
-    for name, tensor in new.items():
-        if not torch.isfinite(tensor).all():
-            raise FxEqError(
-                f"site {site.name!r}: folding into {name} overflows {tensor.dtype} "
-                f"(std as small as {min(std.values()):.3g}). Calibrate in a wider dtype or raise min_std; "
-                "nothing was modified."
-            )
-    return new
-
-
-def site_vectors(
-    site: Site, mean: Mapping[int, float], std: Mapping[int, float], *, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float64 mean and std vectors of a site's concatenation.
-
-    Channels of left-out (empty) inputs cannot occur; any channel not covered
-    keeps mean 0 and std 1.
-    """
-    mean_vec = torch.zeros(site.channels, dtype=torch.float64, device=device)
-    std_vec = torch.ones(site.channels, dtype=torch.float64, device=device)
-    for inp in site.inputs:
-        mean_vec[inp.channels[0]:inp.channels[1]] = mean[inp.index]
-        std_vec[inp.channels[0]:inp.channels[1]] = std[inp.index]
-    return mean_vec, std_vec
+    check_mode(mode, keep_norm)
+    modules = [m for m in (graph, model) if m is not None]
+    if not modules:
+        raise ValueError("equalize needs a graph or a model to write into")
+    strategy = STRATEGIES[mode]
+    new = dict(folded)
+    notes: dict[str, list[str]] = {}
+    kept: set[str] = set()
+    writes: dict[str, tuple[str, ...]] = {}
+    installs = []
+    for site in sites:
+        keys = [(site.name, i.index) for i in site.inputs]
+        mean_vec, std_vec = site_vectors(site, {k[1]: mean[k] for k in keys}, {k[1]: std[k] for k in keys})
+        for conv in site.convs:
+            if keep_norm and norms is not None and conv.weight not in norms:
+                pass  # the recorded run did not restore this conv's norms
+            elif keep_norm and norms is None and (conv.batch_norm is None or conv.transposed):
+                why = "no batch norm reads this conv, so its output depends on the weight norm" \
+                    if conv.batch_norm is None else "a transposed conv's output channels are not its weight's rows"
+                notes.setdefault(conv.weight, []).append(f"keep_norm refused: {why}")
+            elif keep_norm:
+                original = modules[0].get_parameter(conv.weight)
+                new[conv.weight], bias = keep_norms(original, new[conv.weight], new.get(conv.bias or ""))
+                if conv.bias is not None and bias is not None and conv.bias in new:
+                    new[conv.bias] = bias
+                notes.setdefault(conv.weight, []).append(_KEEP_NORM)
+                kept.add(conv.weight)
+            written = []
+            for kind, name in (("weight", conv.weight), ("bias", conv.bias)):
+                if name is None or name not in new:
+                    continue
+                if kind in strategy.writes:
+                    written.append(kind)
+                else:
+                    new.pop(name)
+            writes[conv.weight] = tuple(written)
+            installs.append((conv, mean_vec, std_vec))
+    pairs = resolve_parameters(modules, new)  # validate everything before changing anything
+    if strategy.install is not None:
+        for conv, mean_vec, std_vec in installs:
+            strategy.install(graph, model, conv, mean_vec, std_vec)
+    copy_into(pairs)
+    mark_folded(modules, {conv.weight: site.name for site in sites for conv in site.convs})
+    return Rewritten(writes, notes, frozenset(kept))
 
 
 def check_not_equalized(model: nn.Module) -> None:
     """Refuse a model any conv of which fxeq already equalized, in any mode.
 
     The fold leaves the concatenation's inputs as they were, so a second run
-    would measure the same statistics and divide the weights again. The mark
-    (set by :func:`mark_folded`) lives on the conv modules and survives
-    ``copy.deepcopy``, "reparam" parametrizations and :func:`fxeq.finalize`.
+    would measure the same statistics and divide the weights again. Two
+    traces tell: the mark (set by :func:`mark_folded`), which lives on the
+    conv modules and survives ``copy.deepcopy``, "reparam" parametrizations
+    and :func:`fxeq.finalize`; and, for a Hugging Face model loaded with
+    ``from_pretrained`` from a local folder, fxeq's report in that folder
+    (``name_or_path``), since no mark survives ``save_pretrained``.
 
     Raises:
-        AlreadyEqualizedError: naming the conv.
+        AlreadyEqualizedError: naming the conv, or the folder and its report.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(2, 1, 1))
@@ -208,6 +172,14 @@ would divide its weight twice. Use the model as it is, or start again from the o
                 "equalizing again would divide its weight twice. Use the model as it is, or start again "
                 "from the original checkpoint."
             )
+    source = getattr(model, "name_or_path", None)
+    report = converted_report(source) if isinstance(source, str) and source and Path(source).is_dir() else None
+    if report is not None:
+        raise AlreadyEqualizedError(
+            f"{type(model).__name__} was loaded from {source}, which fxeq already equalized ({report} lies in "
+            "it); equalizing again would divide its fusing convs' weights twice. Load the original checkpoint "
+            "instead, or use this model as it is."
+        )
 
 
 def resolve_parameters(
@@ -237,10 +209,6 @@ def resolve_parameters(
 def write_parameters(modules: Iterable[nn.Module], new: Mapping[str, torch.Tensor]) -> None:
     """Copy new tensors into the named parameters of each module, all validated first.
 
-    Args:
-        modules: the modules whose parameters are rewritten.
-        new: new tensor per qualified parameter name.
-
     Raises:
         FxEqError: a parameter's shape differs from its new tensor's (nothing is written).
     """
@@ -255,18 +223,9 @@ def copy_into(pairs: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
 
 def mark_folded(modules: Iterable[nn.Module], weight_sites: Mapping[str, str]) -> None:
-    """Record on each weight's owning module that fxeq equalized it (see :func:`check_not_folded`)."""
+    """Record on each weight's owning module that fxeq equalized it (see :func:`check_not_equalized`)."""
     for module in modules:
         for name, site in weight_sites.items():
             owner, local = resolve_owner(module, name)
             if owner is not None:
                 owner.__dict__.setdefault(_MARK, {})[local] = site
-
-
-def resolve_owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
-    """The submodule holding a qualified attribute name, and the local name (None if absent)."""
-    prefix, _, local = name.rpartition(".")
-    try:
-        return (module.get_submodule(prefix) if prefix else module), local
-    except AttributeError:
-        return None, local

@@ -57,6 +57,7 @@ adding an op is one line.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import re
 from collections import Counter
@@ -71,7 +72,7 @@ from torch import fx, nn
 
 __all__ = [
     "FusingConv", "Site", "SiteInput", "SiteSearch", "Skipped", "batch_norm_module", "conv_parameters",
-    "find_sites",
+    "find_sites", "is_conv_module", "observation_point",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -80,18 +81,33 @@ _logger = logging.getLogger(__name__)
 # Op tables: each maps an op, in one of its forms, to a category.
 # ---------------------------------------------------------------------------
 
-_UPSAMPLE, _CAT, _CONV, _TCONV, _NORM, _IDENTITY, _LAYOUT, _ELEMENTWISE, _SCALAR, _PRODUCT, _GATE = (
-    "upsample", "cat", "conv", "transposed conv", "norm", "identity", "layout", "elementwise", "scalar",
-    "product", "gate",
-)
+_UPSAMPLE, _CAT, _CONV, _TCONV, _NORM, _IDENTITY, _LAYOUT, _ELEMENTWISE, _SCALAR, _PRODUCT, _GATE, _PAD, _SHUFFLE, \
+    _POOL = (
+        "upsample", "cat", "conv", "transposed conv", "norm", "identity", "layout", "elementwise", "scalar",
+        "product", "gate", "pad", "pixel shuffle", "pool",
+    )
 
 # The in-place variant of these ops (a trailing underscore: relu_, feature_dropout_, mul_) is the same op.
 _PASS_THROUGH = (_IDENTITY, _LAYOUT, _ELEMENTWISE, _SCALAR, _PRODUCT)
+
+# Walk policies: which categories each walk through the graph may cross.
+_TO_UPSAMPLE = frozenset({_UPSAMPLE, _ELEMENTWISE, _IDENTITY, _GATE, _PAD})
+"""Back from a concatenation input to its upsampling: ops that keep each branch's spatial smoothing."""
+_TO_PRODUCER = frozenset({_UPSAMPLE, _IDENTITY, _LAYOUT, _PAD})
+"""Back from a concatenation input to the op that computed its values: ops that only move values."""
+_TO_CONV = frozenset({_IDENTITY, _ELEMENTWISE})
+"""Forward from a concatenation to its fusing convs: ops after which fxeq still measures what the conv receives."""
+_SAME_VALUES = frozenset({_IDENTITY})
+"""Ops whose output holds their input's values: looked through to find a node's readers or a nested concatenation."""
+_TO_LEARNED = frozenset({*_TO_UPSAMPLE, _NORM, _LAYOUT, _POOL})
+"""Back from a concatenation input to a learned upsampler (a transposed conv, pixel shuffle), to name it in a skip."""
 
 _FUNCTIONS: dict[object, str] = {
     F.interpolate: _UPSAMPLE, F.upsample: _UPSAMPLE,
     F.upsample_bilinear: _UPSAMPLE, F.upsample_nearest: _UPSAMPLE,
     torch.cat: _CAT, torch.concat: _CAT, torch.concatenate: _CAT,
+    F.pad: _PAD, F.pixel_shuffle: _SHUFFLE, torch.pixel_shuffle: _SHUFFLE,
+    F.avg_pool1d: _POOL, F.avg_pool2d: _POOL, F.avg_pool3d: _POOL,
     F.instance_norm: _NORM, F.group_norm: _NORM, F.layer_norm: _NORM,
     F.local_response_norm: _NORM, F.rms_norm: _NORM, F.normalize: _NORM,
     F.dropout: _IDENTITY, F.dropout1d: _IDENTITY, F.dropout2d: _IDENTITY, F.dropout3d: _IDENTITY,
@@ -116,6 +132,9 @@ _FUNCTIONS: dict[object, str] = {
 # isinstance checks, first match wins.
 _MODULES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Upsample, _UPSAMPLE),
+    (nn.modules.padding._ConstantPadNd, _PAD), (nn.modules.padding._ReplicationPadNd, _PAD),
+    (nn.modules.padding._ReflectionPadNd, _PAD), (nn.modules.padding._CircularPadNd, _PAD),
+    (nn.PixelShuffle, _SHUFFLE), (nn.modules.pooling._AvgPoolNd, _POOL),
     (nn.modules.instancenorm._InstanceNorm, _NORM),
     (nn.GroupNorm, _NORM), (nn.LayerNorm, _NORM), (nn.LocalResponseNorm, _NORM), (nn.RMSNorm, _NORM),
     (nn.Identity, _IDENTITY), (nn.modules.dropout._DropoutNd, _IDENTITY),
@@ -148,6 +167,12 @@ _ATEN: dict[str, str] = {
         "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
     ), _UPSAMPLE),
     **dict.fromkeys(("cat", "concat", "concatenate"), _CAT),
+    **dict.fromkeys((
+        "pad", "constant_pad_nd", "replication_pad1d", "replication_pad2d", "replication_pad3d",
+        "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "_pad_circular", "_pad_enum",
+    ), _PAD),
+    "pixel_shuffle": _SHUFFLE,
+    **dict.fromkeys(("avg_pool1d", "avg_pool2d", "avg_pool3d"), _POOL),
     **dict.fromkeys((
         "instance_norm", "group_norm", "native_group_norm", "layer_norm", "native_layer_norm",
         "rms_norm", "_fused_rms_norm",
@@ -186,9 +211,9 @@ class _Form:
 
 _MODULE_FORM = _Form({})
 # conv{1,2,3}d and conv_transpose{1,2,3}d (input, weight, bias, stride, padding, ..., groups, ...).
-_CONV_ARGS = {"weight": 1, "bias": 2, "padding": 4, "groups": 6}
+_CONV_ARGS = {"weight": 1, "bias": 2, "stride": 3, "padding": 4, "groups": 6}
 # aten.convolution says in an argument whether it is transposed.
-_CONVOLUTION_ARGS = {"weight": 1, "bias": 2, "padding": 4, "transposed": 6, "groups": 8}
+_CONVOLUTION_ARGS = {"weight": 1, "bias": 2, "stride": 3, "padding": 4, "transposed": 6, "groups": 8}
 
 # Convs: module classes (isinstance, first match wins; transposed convs
 # subclass _ConvNd too), functions and aten overload-packet names.
@@ -266,6 +291,8 @@ def _category(gm: fx.GraphModule, node: fx.Node) -> str | None:
     elif node.op == "call_function":
         aten = _aten_name(node.target)
         category = _lookup(_ATEN, aten) if aten is not None else _FUNCTIONS.get(node.target)
+    if category == _PAD and _shape(node) is not None and _shape(node) == _shape(_arg(node, 0, "input")):
+        category = _IDENTITY  # a zero-width pad (MONAI's UpCat when sizes already agree)
     if category in (_SCALAR, _PRODUCT):
         # x * 2.0 keeps relative scales between branches; x * y does not, unless y is a gate.
         tensors = _tensor_args(node)
@@ -382,6 +409,8 @@ class SiteInput:
             and layout ops (``describe`` of that node).
         upsample: upsample mode (``"bilinear"``, ``"nearest"``, ...) or None.
         scale: spatial upsampling factor per dimension on the example batch, or None.
+        padded: whether a spatial pad lies between the upsampling and the
+            concatenation (the statistics include the padded border).
     """
 
     index: int
@@ -390,6 +419,7 @@ class SiteInput:
     producer: str
     upsample: str | None = None
     scale: tuple[float, ...] | None = None
+    padded: bool = False
 
 
 @dataclass(frozen=True)
@@ -408,7 +438,11 @@ class FusingConv:
         batch_norm: module path of the batch norm (with running statistics)
             that alone reads its output, if any: ``{batch_norm}.running_mean``
             names its buffer in the model and in the captured graph.
-        dtype: the weight's dtype, e.g. ``"float32"``.
+        dtype: the weight's dtype, e.g. ``"float32"`` (None: not recorded).
+        transposed: whether it is a transposed conv, whose weight holds the
+            input channels on dim 0.
+        stride: its stride per spatial dim.
+        shape: its weight's shape (None: not recorded).
     """
 
     node: str
@@ -419,7 +453,10 @@ class FusingConv:
     padded: bool
     followed_by_norm: bool
     batch_norm: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = "float32"
+    transposed: bool = False
+    stride: tuple[int, ...] = (1,)
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -601,7 +638,7 @@ _TOKENS = "not a channel concatenation (a 3-D [batch, tokens, channels] tensor)"
 _ConcatKind = Literal["channels", "tokens", "other", "unknown"]
 
 
-def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
+def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Module | None = None) -> SiteSearch:
     """Find fusion sites in a captured graph; the graph is not changed.
 
     Args:
@@ -609,6 +646,11 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
             ``meta["tensor_meta"]``).
         all_concats: also treat channel concatenations with no upsampled
             input as sites (FCN-style ``concat_input`` heads). Default: False.
+        model: the eager model the graph was captured from. If given, a site
+            is kept only if fxeq can equalize it there too: its fusing conv
+            is a conv module holding its own weight (where a pre-hook sees
+            what the conv multiplies), and no parameter of it is held by
+            another module object (a tie the graph may not show). Default: None.
 
     Returns:
         A :class:`SiteSearch`.
@@ -633,6 +675,7 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"find_sites expects a torch.fx.GraphModule, got {type(gm).__name__}")
     shared = _shared_parameters(gm)
+    model_ties = _tied(model) if model is not None else {}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     for node in gm.graph.nodes:
@@ -650,12 +693,61 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False) -> SiteSearch:
             _logger.debug("fxeq: %s is flattened into %s", node.name, ", ".join(n.name for n in outer))
         else:
             result = _site_at(gm, node, shared, all_concats)
+            if isinstance(result, Site) and model is not None:
+                result = _eligible(model, result, model_ties)
         if isinstance(result, Site):
             sites.append(result)
         elif result is not None:
             _logger.debug("fxeq skips %s: %s", result.node, result.reason)
             skipped.append(result)
     return SiteSearch(tuple(_with_dependencies(gm, sites)), tuple(skipped))
+
+
+def is_conv_module(module: object) -> bool:
+    """Whether ``module`` is a torch conv module (Conv1d/2d/3d or a transposed one).
+
+    Example:
+        >>> is_conv_module(nn.ConvTranspose3d(1, 1, 2)), is_conv_module(nn.Linear(1, 1))
+        (True, False)
+    """
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def observation_point(model: nn.Module, site: Site) -> nn.Module | str:
+    """The conv module whose input is observed for ``site``, or why there is none.
+
+    It is the module that owns the first fusing conv's weight, and it must be
+    a conv module that holds that weight as its own ``weight`` parameter: then
+    its pre-hooks see exactly the tensor the conv multiplies by the weight.
+
+    Example:
+        >>> conv = FusingConv("c", "c", "c.weight", None, 1, False, False)
+        >>> site = Site("cat", (SiteInput(0, "a", (0, 3), "a"),), (conv,))
+        >>> type(observation_point(nn.ModuleDict({"c": nn.Conv2d(3, 1, 1)}), site)).__name__
+        'Conv2d'
+    """
+    conv = site.convs[0]
+    try:
+        module = model.get_submodule(conv.module) if conv.module else model
+    except AttributeError:
+        return f"the model has no module {conv.module!r} (the owner of {conv.weight})"
+    if not is_conv_module(module) or conv.weight.rpartition(".")[2] != "weight":
+        return (f"its conv weight {conv.weight} belongs to a {type(module).__name__}, not to a conv module "
+                "(fxeq observes the input of the conv module that owns the weight)")
+    return module
+
+
+def _eligible(model: nn.Module, site: Site, ties: Mapping[str, tuple[str, ...]]) -> Site | Skipped:
+    """``site``, or why it cannot be equalized in the eager ``model`` (see :func:`find_sites`)."""
+    point = observation_point(model, site)
+    if isinstance(point, str):
+        return Skipped(site.name, point)
+    for conv in site.convs:
+        for name in (conv.weight, conv.bias):
+            if name in ties:
+                return Skipped(site.name, f"its conv {conv.module} shares parameter {name} with "
+                               f"{', '.join(ties[name])} (tied parameters); rescaling it would change those too")
+    return site
 
 
 def _concat_kind(gm: fx.GraphModule, cat: fx.Node) -> _ConcatKind:
@@ -691,7 +783,7 @@ def _flatten(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node], list[fx.N
     nested: list[fx.Node] = []
     for tensor in cast(list[fx.Node], _arg(cat, 0, "tensors")):
         inner: fx.Node | None = tensor
-        while inner is not None and _category(gm, inner) == _IDENTITY:
+        while inner is not None and _category(gm, inner) in _SAME_VALUES:
             inner = _source(gm, inner)
         if inner is not None and _flattened_into(gm, inner):
             more, deeper = _flatten(gm, inner)
@@ -706,6 +798,7 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
              ) -> Site | Skipped:
     tensors, nested = _flatten(gm, cat)
     inputs: list[SiteInput] = []
+    learned_by: list[str] = []
     start = 0
     for index, tensor in enumerate(tensors):
         in_shape = _shape(tensor)
@@ -714,6 +807,9 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
         width = in_shape[1]
         if width > 0:
             inputs.append(_site_input(gm, tensor, index, (start, start + width)))
+            learned = _learned_upsampler(gm, tensor)
+            if learned is not None:
+                learned_by.append(learned)
         start += width
 
     convs, elsewhere = _fusing_conv_nodes(gm, cat)
@@ -725,6 +821,10 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
         return Skipped(cat.name, "it does not feed a conv (it feeds: "
                        + (", ".join(elsewhere) or "the output") + ")")
     if not all_concats and not any(i.upsample for i in inputs):
+        if learned_by:
+            return Skipped(cat.name, f"its upsampled input comes from {learned_by[0]} (learned upsampling, not "
+                           "interpolation, so not a site by the paper's definition); pass all_concats=True to "
+                           "equalize it")
         return Skipped(cat.name, "no input comes from an upsampling op; pass all_concats=True "
                        "to include concatenations of same-resolution features")
     fusing: list[FusingConv] = []
@@ -734,29 +834,75 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
             return Skipped(cat.name, f"its conv {describe(gm, conv)} {found}")
         fusing.append(found)
     notes = [f"nested concatenation {n.name} is flattened into this one" for n in dict.fromkeys(nested)]
+    notes += [f"input {i.index} passes a spatial pad after its upsampling: its statistics include the padded "
+              "border" for i in inputs if i.padded]
     notes += [f"the concatenation also feeds {d}, which is left as it is" for d in elsewhere]
     return Site(cat.name, tuple(inputs), tuple(fusing), notes=tuple(notes))
 
 
 def _site_input(gm: fx.GraphModule, node: fx.Node, index: int, channels: tuple[int, int]) -> SiteInput:
-    """Walk back through pass-through ops to an upsample, and to the producer of the values."""
+    """Walk back to an upsample and to the producer of the values.
+
+    A resize that does not enlarge (x1, or a downsample) is no upsampling:
+    it does not lower the variance the paper corrects.
+    """
     upsample: fx.Node | None = None
+    padded = False
     source: fx.Node | None = node
-    while source is not None and (category := _category(gm, source)) in (_UPSAMPLE, _ELEMENTWISE, _IDENTITY, _GATE):
+    while source is not None:
+        category = _category(gm, source)
+        if category not in _TO_UPSAMPLE:
+            break
+        padded = padded or category == _PAD
         if category == _UPSAMPLE:
             upsample = source
             break
         source = _source(gm, source)
     mode = scale = None
     if upsample is not None:
-        mode = _upsample_mode(gm, upsample)
         before, after = _shape(upsample.args[0]), _shape(upsample)
         if before is not None and after is not None:
             scale = tuple(a / b for a, b in zip(after[2:], before[2:], strict=True) if b)
+        if scale and all(f <= 1 for f in scale):
+            scale = None  # a resize to the same or a smaller size
+        else:
+            mode = _upsample_mode(gm, upsample)
     producer = node
-    while _category(gm, producer) in (_UPSAMPLE, _IDENTITY, _LAYOUT) and (parent := _source(gm, producer)):
+    while _category(gm, producer) in _TO_PRODUCER and (parent := _source(gm, producer)):
         producer = parent
-    return SiteInput(index, node.name, channels, describe(gm, producer), mode, scale)
+    return SiteInput(index, node.name, channels, describe(gm, producer), mode, scale,
+                     padded=padded and mode is not None)
+
+
+def _learned_upsampler(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The learned upsampler a concatenation input comes from, named, or None.
+
+    A transposed conv or a pixel shuffle, behind normalization, activations,
+    pads and layout ops; or a conv whose output a reshape spreads over a
+    larger map (MONAI's pixel shuffle is a reshape and a permute).
+    """
+    size = _spatial(node)
+    source: fx.Node | None = node
+    while source is not None:
+        category = _category(gm, source)
+        if category == _TCONV:
+            return f"a transposed conv ({describe(gm, source)})"
+        if category == _SHUFFLE:
+            return f"a pixel shuffle ({describe(gm, source)})"
+        if category == _CONV:
+            smaller = size is not None and (own := _spatial(source)) is not None and own < size
+            return f"a conv and a reshape that enlarges its map, a pixel shuffle ({describe(gm, source)})" \
+                if smaller else None
+        if category not in _TO_LEARNED:
+            return None
+        source = _source(gm, source)
+    return None
+
+
+def _spatial(node: fx.Node) -> int | None:
+    """The number of positions in a node's map (the product of its dims after N and C)."""
+    shape = _shape(node)
+    return math.prod(shape[2:]) if shape is not None and len(shape) > 2 else None
 
 
 def _upsample_mode(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -781,9 +927,9 @@ def _fusing_conv_nodes(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node],
         value = frontier.pop()
         for user in value.users:
             category = _category(gm, user)
-            if category in (_IDENTITY, _ELEMENTWISE):  # fxeq measures what the conv receives
+            if category in _TO_CONV:  # fxeq measures what the conv receives
                 frontier.append(user)
-            elif category == _CONV and _arg(user, 0, "input") is value:
+            elif category in (_CONV, _TCONV) and _arg(user, 0, "input") is value:
                 convs.append(user)
             elif category == _NORM:
                 elsewhere.append(f"normalization {describe(gm, user)}")
@@ -792,26 +938,43 @@ def _fusing_conv_nodes(gm: fx.GraphModule, cat: fx.Node) -> tuple[list[fx.Node],
     return convs, elsewhere
 
 
-def _shared_parameters(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
-    """Parameters read by more than one op or held under more than one name: name -> other names.
+def _tied(root: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameters held by more than one distinct module object: each of their names -> its other names.
 
-    Parameters are told apart by identity, so a parameter tied under two
-    names counts once per op that reads it, under either name.
+    A module registered under two names (MONAI's DynUNet holds each up block as
+    ``upsamples.N`` and inside ``skip_layers``) holds its parameters once: that
+    is aliasing, not a tie, and rescaling the parameter changes nothing else.
     """
     names: dict[int, list[str]] = {}
-    for name, parameter in gm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
+    holders: dict[int, set[int]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        for local, parameter in module._parameters.items():
+            if parameter is not None:
+                names.setdefault(id(parameter), []).append(f"{path}.{local}" if path else local)
+                holders.setdefault(id(parameter), set()).add(id(module))
+    return {
+        name: tuple(n for n in names[key] if n != name)
+        for key, owners in holders.items() if len(owners) > 1 for name in names[key]
+    }
+
+
+def _shared_parameters(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """Parameters of a graph module that rescaling one conv would also change elsewhere: name -> other names.
+
+    Those read by more than one op (a conv module called twice, a weight read by
+    two nodes), and those tied to another module object (:func:`_tied`).
+    """
     uses: Counter[int] = Counter()
     for node in gm.graph.nodes:
         if node.op == "call_module":
             uses.update(id(p) for p in gm.get_submodule(str(node.target)).parameters())
         elif node.op == "get_attr" and _get_parameter(gm, node) is not None:
             uses[id(gm.get_parameter(str(node.target)))] += len(node.users)
-    return {
-        name: tuple(n for n in group if n != name)
-        for key, group in names.items() if uses[key] > 1 or len(group) > 1
-        for name in group
-    }
+    shared = _tied(gm)
+    for name, parameter in gm.named_parameters():
+        if uses[id(parameter)] > 1:
+            shared.setdefault(name, ())
+    return shared
 
 
 def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, shared: Mapping[str, tuple[str, ...]]
@@ -824,17 +987,21 @@ def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, shared: Mappi
                 "another parametrization?): fxeq can only rescale a stored weight. Remove it first, e.g. "
                 "torch.nn.utils.parametrize.remove_parametrizations(conv, 'weight'), or equalize before adding it")
     weight, bias = names
+    transposed = _category(gm, conv) == _TCONV
     padding: object
+    stride: object
     if not form.args:
         module = cast(nn.modules.conv._ConvNd, gm.get_submodule(str(conv.target)))
-        groups, padding, padding_mode = module.groups, module.padding, module.padding_mode
+        groups, padding, padding_mode, stride = module.groups, module.padding, module.padding_mode, module.stride
     else:
         groups = cast(int, _arg(conv, form.args["groups"], "groups", 1))
         padding, padding_mode = _arg(conv, form.args["padding"], "padding", 0), "zeros"
+        stride = _arg(conv, form.args["stride"], "stride", 1)
     parameter = gm.get_parameter(weight)
     shape = parameter.shape
-    if shape[1] * groups != channels:
-        return f"expects {shape[1] * groups} input channels, but the concatenation has {channels}"
+    reads = shape[0] if transposed else shape[1] * groups
+    if reads != channels:
+        return f"expects {reads} input channels, but the concatenation has {channels}"
     for name in (weight, bias):
         if name is not None and name in shared:
             others = shared[name]
@@ -848,8 +1015,9 @@ def _fusing_conv(gm: fx.GraphModule, conv: fx.Node, channels: int, shared: Mappi
     readers = _readers(gm, conv)
     followed = bool(readers) and all(_is_norm(gm, r) for r in readers)
     batch_norm = batch_norm_module(gm, readers[0]) if len(readers) == 1 else None
+    strides = tuple(int(cast(int, k)) for k in _as_tuple(stride)) or (1,)
     return FusingConv(conv.name, weight.rpartition(".")[0], weight, bias, groups, padded, followed, batch_norm,
-                      str(parameter.dtype).removeprefix("torch."))
+                      str(parameter.dtype).removeprefix("torch."), transposed, strides, tuple(shape))
 
 
 def _as_tuple(padding: object) -> tuple[object, ...]:
@@ -864,7 +1032,7 @@ def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     frontier = [node]
     while frontier:
         for user in frontier.pop().users:
-            (frontier if _category(gm, user) == _IDENTITY else readers).append(user)
+            (frontier if _category(gm, user) in _SAME_VALUES else readers).append(user)
     return readers
 
 

@@ -269,21 +269,24 @@ def oracle_from_report(model: nn.Module, report, *, with_mean: bool | None = Non
     return explicit_equalizer(model, convs)
 
 
-def reference_stats(model: nn.Module, conv: str, data: list[torch.Tensor],
-                    slices: list[tuple[int, int]]) -> list[tuple[float, float]]:
-    """float64 mean/std of each slice of ``conv``'s input over ``data``, BN in batch-stat mode."""
+def reference_stats(model: nn.Module, conv: str, data: list,
+                    slices: list[tuple[int, int]], *, forward=None) -> list[tuple[float, float]]:
+    """float64 mean/std of each slice of ``conv``'s input over ``data``, BN (and tracked norms) in batch-stat mode.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
+    """
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(conv).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
     states = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._NormBase):
             m.train()
     try:
         with torch.no_grad():
             for x in data:
-                model(x)
+                forward(model, x) if forward is not None else model(x)
     finally:
         handle.remove()
         model.load_state_dict(states)
@@ -352,3 +355,58 @@ def remeasure(model: nn.Module, report, data: list[torch.Tensor]) -> dict[tuple[
         stats = reference_stats(model, site.convs[0].module, data, [i.channels for i in site.inputs])
         measured.update({(site.name, i.index): s for i, s in zip(site.inputs, stats, strict=True)})
     return measured
+
+
+def reference_fold(model: nn.Module, conv_name: str, slices: list[tuple[int, int]],
+                   stats: list[tuple[float, float]]) -> None:
+    """Fold (x - mu) / sigma per slice into a conv module's weight and bias, in place: loops, float64, no fxeq.
+
+    A conv's weight is (out, in / groups, *k), a transposed conv's (in, out / groups, *k). The mean goes into
+    the bias where there is one, except for a transposed conv with a stride above 1 (no single bias then).
+    """
+    conv = model.get_submodule(conv_name)
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    weight = conv.weight.detach().double().clone()
+    groups = conv.groups
+    channels = weight.shape[0] if transposed else weight.shape[1] * groups
+    mean = torch.zeros(channels, dtype=torch.float64)
+    std = torch.ones(channels, dtype=torch.float64)
+    for (start, stop), (m, s) in zip(slices, stats, strict=True):
+        mean[start:stop], std[start:stop] = m, s
+    per_group = channels // groups
+    out_per_group = (weight.shape[1] if transposed else weight.shape[0] // groups)
+    for c in range(channels):
+        g, local = divmod(c, per_group)
+        if transposed:
+            weight[c] /= std[c]
+        else:
+            weight[g * out_per_group:(g + 1) * out_per_group, local] /= std[c]
+    fold_mean = conv.bias is not None and not (transposed and any(s != 1 for s in conv.stride))
+    with torch.no_grad():
+        if fold_mean:
+            bias = conv.bias.detach().double().clone()
+            summed = weight.flatten(2).sum(-1)  # per (row, column): the kernel's taps summed
+            for c in range(channels):
+                g, local = divmod(c, per_group)
+                rows = slice(g * out_per_group, (g + 1) * out_per_group)
+                bias[rows] -= (summed[c] if transposed else summed[rows, local]) * mean[c]
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+
+
+def reference_equalize(model: nn.Module, sites: list[tuple[list[str], list[tuple[int, int]]]],
+                       data: list, *, forward=None) -> nn.Module:
+    """The scale equalizer computed without fxeq: a copy of ``model``, each site measured and folded in turn.
+
+    ``sites`` are (fusing conv module names, input slices), upstream sites first (graph order). Each site is
+    measured (float64 hooks, batch norms with batch statistics, everything else in eval) on the copy with
+    every earlier site already folded, so chained sites are measured one at a time.
+    """
+    import copy as _copy
+
+    reference = _copy.deepcopy(model)
+    for convs, slices in sites:
+        stats = reference_stats(reference, convs[0], data, slices, forward=forward)
+        for conv in convs:
+            reference_fold(reference, conv, slices, stats)
+    return reference

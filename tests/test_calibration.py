@@ -7,6 +7,7 @@ module receives, measured with a plain pre-hook on the model (no fxeq code).
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ from models import (
 from torch import nn
 
 import fxeq
-from fxeq.calibration import CalibrationData, batch_inputs, calibration_mode
+from fxeq._model import calibration_mode
+from fxeq.batches import CalibrationData, batch_inputs
 
 
 def _assert_invariant(model: nn.Module, report, data: list[torch.Tensor], rel: float = 1e-3) -> None:
@@ -430,3 +432,95 @@ def test_tied_weights_both_called_are_skipped(frontend: str) -> None:
         fxeq.transform(model, batches(2), frontend=frontend, inplace=True)
     with torch.no_grad():
         torch.testing.assert_close(model.other(torch.cat([x, x[:, :2], x], 1)[:, :8]), before)
+
+
+# ---------------------------------------------------------------------------
+# Trust, round 2: loaders, a model prepared twice, progress
+# ---------------------------------------------------------------------------
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches from an iterable dataset, which has no len()."""
+
+    def __init__(self, items: list[torch.Tensor]) -> None:
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class _LyingStream(_Stream):
+    """An iterable dataset whose len() says 0 while it yields batches."""
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("dataset", [_Stream, _LyingStream], ids=["no-len", "len-0"])
+def test_a_dataloader_over_an_iterable_dataset_uses_every_batch(dataset) -> None:
+    data = batches(3)
+    model = TwoBranch()
+    expected = reference_stats(model, "fuse", data, [(0, 3), (3, 8)])
+    loader = torch.utils.data.DataLoader(dataset(data), batch_size=None)
+    report = fxeq.transform(model, loader, inplace=True, progress=False).fxeq_report
+    assert report.calibration.batches == 3 and {s.samples for s in report.stats.values()} == {12}
+    for k, (mean, std) in enumerate(expected):
+        assert report.stats["cat", k].mean == pytest.approx(mean, rel=1e-6, abs=1e-7)
+        assert report.stats["cat", k].std == pytest.approx(std, rel=1e-6)
+
+
+def test_two_prepared_of_one_model_do_not_fold_it_twice() -> None:
+    data = batches(2)
+    model = TwoBranch()
+    first = fxeq.calibrate(fxeq.prepare(model, data[0], inplace=True), data)
+    second = fxeq.calibrate(fxeq.prepare(model, data[0], inplace=True), data)
+    fxeq.convert(first)
+    weight = model.fuse.weight.detach().clone()
+    with pytest.raises(fxeq.AlreadyEqualizedError, match=r"conv fuse was already equalized by fxeq .* The model of "
+                                                         r"this Prepared was equalized after fxeq\.prepare"):
+        fxeq.convert(second)
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="equalized after fxeq.prepare"):
+        fxeq.calibrate(second, data)
+    assert torch.equal(model.fuse.weight, weight)
+
+
+def test_the_first_pass_bar_has_a_total(capsys: pytest.CaptureFixture[str]) -> None:
+    fxeq.transform(Chained(), batches(3), progress=True)
+    err = capsys.readouterr().err
+    assert "fxeq calibration 1/2" in err and "3/3" in err.split("fxeq calibration 2/2")[0]
+
+
+def test_an_aliased_fusing_conv_keeps_its_parameter_through_chained_passes() -> None:
+    """A module under two names (as in MONAI's DynUNet) must come out of the passes with its own Parameter.
+
+    torch.func.functional_call(..., tie_weights=True) restores a plain tensor in place of such a parameter.
+    """
+    model = Chained()
+    model.alias = model.fuse1  # one module object, two names
+    fxeq.transform(model, batches(2), inplace=True, progress=False)
+    assert isinstance(model.fuse1._parameters["weight"], nn.Parameter)
+    assert model.alias.weight is model.fuse1.weight and model.fuse1.weight.requires_grad
+
+
+def test_a_std_above_min_std_but_tiny_beside_the_mean_is_refused() -> None:
+    """min_std alone would let it through: only the relative check (std <= 1e-5 x |mean|) refuses it."""
+    model = TwoBranch()
+    with torch.no_grad():  # branch b: 1e4 plus a signal of std about 1e-3
+        model.conv_b.weight.mul_(1e-3)
+        model.conv_b.bias.fill_(1e4)
+    state = state_of(model)
+    with pytest.raises(fxeq.CalibrationError, match=r"input 1 .*above 1e-05 x \|mean\|") as caught:
+        fxeq.transform(model, batches(2), inplace=True, min_std=1e-6)
+    std = float(re.search(r"found mean=\S+, std=([0-9.e+-]+)\.", str(caught.value)).group(1))
+    assert 1e-6 < std < 1e-5 * 1e4
+    assert same_state(model, state)
+
+
+@pytest.mark.parametrize("key", ["labels", "label", "target", "targets"])
+def test_target_keys_are_left_out_of_dict_batches(key: str) -> None:
+    class Net(nn.Module):
+        def forward(self, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            return pixel_values
+
+    x = torch.zeros(2, 3, 4, 4)
+    args, kwargs = batch_inputs({"pixel_values": x, key: torch.zeros(2), "mask": x}, model=Net())
+    assert args == () and sorted(kwargs) == ["mask", "pixel_values"]

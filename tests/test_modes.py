@@ -166,9 +166,9 @@ def test_plain_state_dict_round_trip() -> None:
 
 
 def test_bad_mode_arguments() -> None:
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="mode must be one of 'init', 'reparam', 'explicit'; got 'bn'"):
         fxeq.transform(TwoBranch(), batches(), mode="bn")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="keep_norm applies to mode='init' only"):
+    with pytest.raises(ValueError, match="keep_norm=True applies to mode='init' only, got mode='reparam'"):
         fxeq.transform(TwoBranch(), batches(), mode="reparam", keep_norm=True)
 
 

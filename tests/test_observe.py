@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxeq.calibration import merge_across_ranks
+from fxeq.observe import merge_across_ranks
 from fxeq.observe import ScaleObserver
 
 
@@ -47,13 +47,10 @@ def test_large_mean_keeps_a_positive_exact_variance():
     assert abs(observer.std().item() - reference) < 1e-3
 
 
-def test_disabled_observer_and_reset():
+def test_observer_reset():
     observer = ScaleObserver()
-    observer.enabled = False
     observer(torch.ones(3))
-    assert observer.count == 0
-    observer.enabled = True
-    observer(torch.ones(3))
+    assert observer.count == 3
     observer.reset()
     assert observer.count == 0 and observer.samples == 0
 
@@ -119,3 +116,18 @@ def test_channel_moments_in_blocks_equal_the_float64_reference(monkeypatch):
     torch.testing.assert_close(mean, reference.mean(1), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(m2, ((reference - reference.mean(1, keepdim=True)) ** 2).sum(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close((mean, m2), whole[1:], rtol=1e-6, atol=1e-9)
+
+
+def test_channel_moments_correct_the_shifts_rounding():
+    """A float32 mean of values near 1e4 is off by about 1e-3; the deviations' sum corrects it (float64)."""
+    from fxeq.observe import channel_moments
+
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(1, 2, 512, 512, generator=g, dtype=torch.float64)).float()
+    count, mean, m2 = channel_moments(x)
+    reference = x.double()
+    expected_mean = reference.mean(dim=(0, 2, 3))
+    expected_m2 = ((reference - expected_mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    assert count == 512 * 512
+    torch.testing.assert_close(mean, expected_mean, rtol=0, atol=1e-6)  # uncorrected: 3e-4 off
+    torch.testing.assert_close(m2, expected_m2, rtol=1e-4, atol=0)

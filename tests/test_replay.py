@@ -273,13 +273,26 @@ def test_example_inputs_catch_other_slices() -> None:
              r"\[0:5, 5:8\]\. The model concatenates its features differently", example_inputs=batches()[0])
 
 
-def test_example_inputs_catch_a_conv_that_fuses_nothing() -> None:
+class Plain(nn.Module):
+    """No concatenation, but a conv with TwoBranch's fusing shape: conv(3 -> 8) ── relu ── fuse(8 -> 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("probe", ["example_inputs", "recorded shapes"])
+def test_sites_catch_a_conv_that_fuses_nothing(probe: str) -> None:
     data = _report()
     conv = data["sites"][0]["convs"][0]
     conv.update(weight="net.2.weight", bias="net.2.bias")
-    _refused(NoSite(), data, r"conv net.2 \(site 'cat'\): expected it to read a concatenation with slices "
+    kwargs = {"example_inputs": batches()[0]} if probe == "example_inputs" else {}
+    _refused(Plain(), data, r"conv net.2 \(site 'cat'\): expected it to read a concatenation with slices "
              r"\[0:3, 3:8\], found that it reads none that fxeq can equalize in this model \(its fusing convs: "
-             r"none\)", example_inputs=batches()[0])
+             r"none\)", **kwargs)
 
 
 def test_example_inputs_catch_a_site_missing_from_the_report() -> None:
@@ -294,9 +307,14 @@ def test_example_inputs_catch_a_site_missing_from_the_report() -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_report_of_another_mode() -> None:
-    _refused(TwoBranch(), _report("reparam"), r"the report was written with mode='reparam'; fxeq.apply "
-             r"reproduces the weight fold \(mode 'init'\) only")
+@pytest.mark.parametrize("mode", ["reparam", "explicit"])
+def test_apply_reproduces_the_other_modes(mode: str) -> None:
+    model, twin, report = _transformed(TwoBranch, mode=mode)
+    apply(twin, report.to_dict())
+    _assert_same_state(twin, state_of(model))
+    x = batches()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
 def test_report_without_statistics() -> None:
@@ -337,17 +355,18 @@ def test_report_with_an_empty_site() -> None:
 def test_report_with_missing_fields() -> None:
     data = _report()
     del data["sites"][0]["inputs"][0]["channels"]
-    _refused(TwoBranch(), data, r"the report's sites are incomplete \(KeyError: 'channels'\)", error=ValueError)
+    _refused(TwoBranch(), data, r"the report's entry for site 'cat' is incomplete or malformed \(KeyError: "
+             r"'channels'\)", error=ValueError)
 
 
 def test_not_a_report(tmp_path: Path) -> None:
-    _refused(TwoBranch(), {"frontend": "fx"}, "the dict is not an fxeq report: expected a JSON object with a "
-             "'sites' list", error=ValueError)
+    _refused(TwoBranch(), {"frontend": "fx"}, "not an fxeq report: expected a JSON object with a 'sites' list "
+             r".*found no 'sites'", error=ValueError)
     path = tmp_path / "list.fxeq.json"
     path.write_text(json.dumps([1, 2]))
-    _refused(TwoBranch(), path, f"{path} is not an fxeq report", error=ValueError)
+    _refused(TwoBranch(), path, f"{path}: not an fxeq report: .*found list", error=ValueError)
     path.write_text("{not json")
-    _refused(TwoBranch(), str(path), rf"{path} is not JSON \(.*\); expected an fxeq report", error=ValueError)
+    _refused(TwoBranch(), str(path), rf"{path}: the report text is not valid JSON \(.*\)", error=ValueError)
     _refused(TwoBranch(), 42, "report must be an fxeq Report, a dict from Report.to_dict.., the text of "
              "Report.to_json.. or the path of a .fxeq.json file, got int", error=TypeError)
 
@@ -365,3 +384,16 @@ def test_apply_takes_the_report_as_json_text() -> None:
     _assert_same_state(twin, state_of(model))
     with pytest.raises(ValueError, match="the report text is not valid JSON"):
         apply(TwoBranch(), "{not json")
+
+
+def test_recorded_shapes_catch_other_slices_without_example_inputs() -> None:
+    """Same conv shapes, other slices: the report's recorded input shapes let apply capture a probe and compare."""
+    _refused(Swapped(), _report(), r"conv fuse \(site 'cat'\): expected input slices \[0:3, 3:8\], found "
+             r"\[0:5, 5:8\]\. The model concatenates its features differently")
+
+
+def test_a_report_without_input_shapes_warns_that_slices_are_not_checked() -> None:
+    data = _report()
+    del data["example"]
+    with pytest.warns(UserWarning, match="the report records no input shapes .* pass example_inputs=batch"):
+        apply(TwoBranch(), data)

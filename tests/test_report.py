@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from models import CatTwice, Chained, TwoBranch, batches
 
 import fxeq
-from fxeq.report import Report, versions
+from fxeq._version import versions
+from fxeq.report import Report
 from fxeq.sites import SiteSearch
 
 
@@ -46,3 +50,51 @@ def test_modes_notes() -> None:
     for mode, note in (("reparam", "W_raw * (1 / sigma)"), ("explicit", "explicit (x - mu) / sigma")):
         report = fxeq.transform(TwoBranch(), batches(2), mode=mode).fxeq_report
         assert note in report.table() and report.mode == mode
+
+
+# ---------------------------------------------------------------------------
+# The schema round trip, what each mode writes, the picture
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("mode", "keep_norm"), [("init", False), ("init", True), ("reparam", False),
+                                                  ("explicit", False)])
+def test_from_dict_reads_back_what_to_dict_wrote(mode: str, keep_norm: bool) -> None:
+    from models import BNFuse
+
+    report = fxeq.transform(BNFuse(), batches(2), mode=mode, keep_norm=keep_norm, progress=False).fxeq_report
+    data = report.to_dict()
+    again = Report.from_dict(json.loads(json.dumps(data)))
+    assert again.to_dict() == data
+    assert again.search.sites == report.search.sites and again.stats == report.stats
+    (conv,) = data["sites"][0]["convs"]
+    writes = {"init": ["weight", "bias"], "reparam": ["bias"], "explicit": []}[mode]
+    assert conv["writes"] == writes and conv["folded_scale"] == (mode == "init")
+    assert conv["folded_mean"] == ("bias" in writes) and conv["keep_norm"] == keep_norm
+    assert conv["shape"] == [6, 7, 1, 1] and data["keep_norm"] == keep_norm
+    assert data["example"] == {"args": [{"shape": [4, 3, 16, 16], "dtype": "float32"}], "kwargs": {}}
+
+
+def test_from_dict_names_what_is_missing() -> None:
+    with pytest.raises(ValueError, match=r"the report's entry for site 'cat' is incomplete or malformed \(KeyError: "
+                                         r"'weight'\)"):
+        Report.from_dict({"sites": [{"name": "cat", "inputs": [], "convs": [{}]}]})
+    with pytest.raises(ValueError, match="the report's mode is 'fold': mode must be one of"):
+        Report.from_dict({"sites": [], "mode": "fold"})
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    report = fxeq.transform(Chained(), batches(2), progress=False).fxeq_report
+    path = report.plot(tmp_path / "report.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="the plot is written as PNG; end its path with .png"):
+        report.plot(tmp_path / "report.pdf")
+    with pytest.raises(ValueError, match="the report has no calibrated fusion site to draw"):
+        Report(SiteSearch((), ()), "fx").plot(tmp_path / "empty.png")
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = Report(SiteSearch((), ()), "fx")
+    with pytest.raises(ImportError, match=r"drawing the report needs matplotlib, which is not installed: "
+                                          r"pip install -e '\.\[plot\]'"):
+        report.plot(tmp_path / "r.png")

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxeq.errors import AlreadyEqualizedError, FxEqError
-from fxeq.rewrite import check_not_equalized, fold, fold_site, mark_folded, write_parameters
+from fxeq.fold import fold, fold_site
+from fxeq.rewrite import check_not_equalized, mark_folded, write_parameters
 from fxeq.sites import FusingConv, Site, SiteInput
 
 

@@ -490,3 +490,98 @@ def test_conv_parameters_rejects_a_computed_weight() -> None:
     conv = next(n for n in gm.graph.nodes if n.target is F.conv2d)
     with pytest.raises(ValueError, match=r"conv conv2d \(conv2d\) takes its weight or bias from a computed tensor"):
         conv_parameters(gm, conv)
+
+
+# ---------------------------------------------------------------------------
+# Pads, resizes that do not enlarge, learned upsampling, transposed convs, aliasing
+# ---------------------------------------------------------------------------
+
+class PadThenCat(nn.Module):
+    """x ── a ──┐;  x ── pool ── b ── upsample ── pad(p, replicate) ──┴─ cat ── fuse (MONAI's UpCat)."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0, mode="nearest")
+        b = F.pad(b, [0, self.pad, 0, self.pad], mode="replicate")
+        a = F.pad(self.a(x), [0, self.pad, 0, self.pad])
+        return self.fuse(torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
+@pytest.mark.parametrize("pad", [0, 1])
+def test_a_pad_between_upsample_and_cat_is_looked_through(frontend: str, pad: int) -> None:
+    (site,) = find_sites(capture(PadThenCat(pad), X, frontend=frontend, deployable=False).module).sites
+    assert [i.upsample for i in site.inputs] == [None, "nearest"]
+    assert site.inputs[1].padded == bool(pad)
+    assert any("passes a spatial pad" in n for n in site.notes) == bool(pad)
+
+
+class Resize(nn.Module):
+    """x ── a ──┐;  x ── b ── resize to (a's size) x factor ──┴─ cat ── fuse: a resize that does not enlarge."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(F.avg_pool2d(x, 2) if self.factor < 1 else x)
+        b = F.interpolate(self.b(x), size=a.shape[-2:], mode="bilinear")
+        return self.fuse(torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_a_resize_that_does_not_enlarge_is_no_upsampling(factor: float) -> None:
+    search = find_sites(capture(Resize(factor), X).module)
+    assert not search.sites
+    assert "no input comes from an upsampling op" in search.skipped[0].reason
+    (site,) = find_sites(capture(Resize(factor), X).module, all_concats=True).sites
+    assert [i.upsample for i in site.inputs] == [None, None] and site.inputs[1].scale is None
+
+
+class Learned(nn.Module):
+    """x ── a ──┐;  x ── pool ── ConvTranspose(s2) ── BN ── ReLU ──┴─ cat ── fuse(ConvTranspose when ``into``)."""
+
+    def __init__(self, into_transposed: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.up = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+        self.fuse = nn.ConvTranspose2d(8, 2, 3, padding=1) if into_transposed else nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(torch.cat([self.a(x), self.up(F.avg_pool2d(x, 2))], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_learned_upsampling_is_named_in_the_skip_reason(frontend: str) -> None:
+    (skipped,) = find_sites(capture(Learned(), X, frontend=frontend).module).skipped
+    assert skipped.reason.startswith("its upsampled input comes from a transposed conv (")
+    assert "learned upsampling, not interpolation" in skipped.reason and "pass all_concats=True" in skipped.reason
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
+def test_a_transposed_fusing_conv_is_a_site_with_all_concats(frontend: str) -> None:
+    gm = capture(Learned(into_transposed=True), X, frontend=frontend, deployable=False).module
+    (site,) = find_sites(gm, all_concats=True).sites
+    (conv,) = site.convs
+    assert conv.module == "fuse" and conv.transposed and conv.stride == (1, 1) and conv.shape == (8, 2, 3, 3)
+
+
+def test_a_module_under_two_names_is_no_tie() -> None:
+    model = TwoBranch()
+    model.alias = model.fuse  # one object, two names (as MONAI's DynUNet registers its up blocks)
+    (site,) = find_sites(capture(model, X).module, model=model).sites
+    assert site.convs[0].module == "fuse"
+
+
+def test_a_parameter_held_by_two_modules_is_a_tie() -> None:
+    model = TwoBranch()
+    model.other = nn.Conv2d(8, 4, 1)
+    model.other.weight = model.fuse.weight  # a tie the graph never shows: `other` is never called
+    search = find_sites(capture(model, X).module, model=model)
+    assert not search.sites
+    assert "its conv fuse shares parameter fuse.weight with other.weight (tied parameters)" in search.skipped[0].reason

@@ -23,8 +23,8 @@ from fxeq.cli import main
 TESTS = Path(__file__).parent
 
 
-def _branch(out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU())
+def _branch(out: int, in_channels: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU())
 
 
 class TinyFuse(nn.Module):
@@ -34,13 +34,14 @@ class TinyFuse(nn.Module):
         x ── pool/4 ── b ── upsample x4 ─────┴─ cat ── fuse(3x3, bias) ── relu ── head
 
     ``a_channels`` changes the first slice (and the fusing conv's input), as
-    another configuration of the same architecture would.
+    another configuration of the same architecture would; ``in_channels`` the
+    input's channels (1 for grayscale, 4 for RGBA).
     """
 
-    def __init__(self, classes: int = 2, a_channels: int = 4) -> None:
+    def __init__(self, classes: int = 2, a_channels: int = 4, in_channels: int = 3) -> None:
         super().__init__()
-        self.a = _branch(a_channels)
-        self.b = _branch(6)
+        self.a = _branch(a_channels, in_channels)
+        self.b = _branch(6, in_channels)
         self.fuse = nn.Conv2d(a_channels + 6, 8, 3, padding=1)
         self.head = nn.Conv2d(8, classes, 1)
 
@@ -59,6 +60,29 @@ class NoFuse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.a(x))
+
+
+class ShapeChecked(TinyFuse):
+    """TinyFuse whose forward checks the input size in Python, as smp models do: fx cannot trace it::
+
+        if x.shape[-1] % 8: raise ValueError(...)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 8:
+            raise ValueError(f"Wrong input shape width={x.shape[-1]}. Expected a width divisible by 8.")
+        return super().forward(x)
+
+
+class SameResolution(TinyFuse):
+    """TinyFuse without the upsampling: both branches at full resolution (a site only with --all-concats)::
+
+        x ── a ──┐
+        x ── b ──┴─ cat ── fuse ── relu ── head
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fuse(torch.cat([self.a(x), self.b(x)], 1))))
 
 
 # ---------------------------------------------------------------------------
@@ -99,3 +123,5 @@ def assert_fails(result: subprocess.CompletedProcess[str], code: int, *words: st
         assert word in message, result.stderr
     assert "Traceback" not in result.stderr
     assert not re.search(r"(?<!\.)\.\.(?!\.)", message), message  # ".." but not "..."
+    # advice in the command line's words: flags, not the library's arguments
+    assert not re.search(r"\b(inplace|all_concats|frontend|one_pass|min_std|num_batches|input_fn)=", message), message

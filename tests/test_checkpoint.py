@@ -1,4 +1,4 @@
-"""Checkpoints (fxeq.checkpoint): reading safely, clear refusals, and writing a checkpoint (a file or a
+"""Checkpoints (fxeq.cli.checkpoints, fxeq.cli.outputs, fxeq.files): reading safely, clear refusals, and writing a checkpoint (a file or a
 save_pretrained folder) with its report as a unit."""
 
 from __future__ import annotations
@@ -18,17 +18,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from fxeq import checkpoint
-from fxeq.checkpoint import (
-    check_not_converted,
-    check_output,
-    check_output_folder,
-    converted_report,
-    load_into,
-    load_state_dict,
-    report_path,
-    save_converted,
-)
+from fxeq import files
+from fxeq.cli import hf, outputs
+from fxeq.cli.checkpoints import load_into, load_state_dict
+from fxeq.cli.outputs import check_not_converted, check_output, check_output_folder, save_converted
+from fxeq.report import FOLDER_REPORT, converted_report, report_path
 
 STATE = {"w": torch.arange(4.0)}
 DOUBLE_PERIOD = re.compile(r"(?<!\.)\.\.(?!\.)")  # "..", but not an ellipsis
@@ -48,8 +42,7 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
     path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     with pytest.raises(ValueError, match=r"noise\.pt is not a readable PyTorch or safetensors checkpoint "
                                          r"\(UnpicklingError: .+\); expected a state_dict written by torch\.save, "
-                                         r"or a \.safetensors file\. If it holds pickled Python objects and you "
-                                         r"trust where it comes from, --trust-pickle") as info:
+                                         r"or a \.safetensors file\. Is it complete") as info:
         load_state_dict(path)
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
@@ -73,7 +66,7 @@ def test_a_broken_safetensors_file(tmp_path: Path) -> None:
 
 def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError, match=r"is a folder without config\.json, so not a Hugging Face "
-                                                r"save_pretrained folder either; expected a checkpoint file: a "
+                                                r"save_pretrained folder \(it is empty\); expected a checkpoint file: a "
                                                 r"state_dict saved as \.pt/\.pth \(torch\.save\) or \.safetensors, "
                                                 r"or a folder written by save_pretrained"):
         load_state_dict(tmp_path)
@@ -145,8 +138,8 @@ def test_a_link_to_a_converted_checkpoint_is_converted(tmp_path: Path) -> None:
     link = tmp_path / "elsewhere" / "model.pt"
     link.symlink_to(tmp_path / "converted.pt")
     assert converted_report(link) == tmp_path / "converted.pt.fxeq.json"
-    with pytest.raises(ValueError, match=r"model\.pt was written by fxeq convert \(.*converted\.pt\.fxeq\.json lies "
-                                         r"beside it\); converting it again would divide .* twice"):
+    with pytest.raises(ValueError, match=r"model\.pt was already equalized by fxeq \(.*converted\.pt\.fxeq\.json lies "
+                                         r"beside it\); equalizing it again would divide .* twice"):
         check_not_converted(link)
 
 
@@ -158,9 +151,9 @@ def test_save_converted_writes_both_and_records_the_digest(tmp_path: Path) -> No
     out = tmp_path / "out.safetensors"
     assert save_converted(STATE, out, {"sites": []}) == report_path(out)
     record = json.loads(report_path(out).read_text())
-    assert record["output"] == {"path": str(out.resolve()), "sha256": checkpoint.sha256(out)}
+    assert record["output"] == {"path": str(out.resolve()), "sha256": outputs.digest(out)}
     torch.testing.assert_close(safetensors.torch.load_file(out), STATE)
-    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~checkpoint._umask())
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~files.umask())
     assert names(tmp_path) == ["out.safetensors", "out.safetensors.fxeq.json"]
 
 
@@ -174,14 +167,14 @@ def test_a_failure_between_the_two_writes_leaves_the_files_as_they_were(
     if earlier:
         out.write_bytes(b"old checkpoint")
         report_path(out).write_text("old report")
-    place = checkpoint._place
+    place = outputs.place
 
     def fail_on_checkpoint(tmp: Path, path: Path, *, replace: bool) -> None:
         if path == out:
             raise fault
         place(tmp, path, replace=replace)
 
-    monkeypatch.setattr(checkpoint, "_place", fail_on_checkpoint)
+    monkeypatch.setattr(outputs, "place", fail_on_checkpoint)
     with pytest.raises(type(fault)):
         save_converted(STATE, out, {}, force=earlier)
     if earlier:
@@ -193,8 +186,8 @@ def test_a_failure_between_the_two_writes_leaves_the_files_as_they_were(
 def test_a_file_that_appears_meanwhile_is_not_replaced(taken: str, tmp_path: Path) -> None:
     """Without force, each file is placed only if its name is free, checked as it is placed."""
     (tmp_path / taken).write_bytes(b"another run's")
-    with pytest.raises(FileExistsError, match=rf"{re.escape(taken)} appeared while fxeq was writing \(another fxeq "
-                                              r"convert to the same output\?\) and was left as it is; choose another "
+    with pytest.raises(FileExistsError, match=rf"{re.escape(taken)} appeared while fxeq was writing \(another run "
+                                              r"writing to the same output\?\) and was left as it is; choose another "
                                               r"output, or pass --force"):
         save_converted(STATE, tmp_path / "out.pt", {})
     assert (tmp_path / taken).read_bytes() == b"another run's"
@@ -221,7 +214,9 @@ _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from fxeq import checkpoint
+from fxeq import files
+from fxeq.cli import hf, outputs
+from fxeq.report import FOLDER_REPORT, report_path
 
 def slow_save(obj, file):
     Path(file).write_bytes(b"the first bytes of a large checkpoint")
@@ -229,7 +224,7 @@ def slow_save(obj, file):
     time.sleep(60)
 
 torch.save = slow_save
-checkpoint.save_converted({"w": torch.ones(1)}, sys.argv[1], {})
+outputs.save_converted({"w": torch.ones(1)}, sys.argv[1], {})
 """
 
 
@@ -265,26 +260,26 @@ def test_save_converted_folder_writes_the_model_the_copies_and_the_report_inside
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "preprocessor_config.json").write_text('{"size": 64}')
     out = tmp_path / "out"
-    report = checkpoint.save_converted_folder(write_model, out, {"sites": []},
+    report = outputs.save_converted_folder(write_model, out, {"sites": []},
                                               copy=[tmp_path / "in" / "preprocessor_config.json"])
     assert report == out / "fxeq.json"
     assert names(out) == ["config.json", "fxeq.json", "model.safetensors", "preprocessor_config.json"]
     assert (out / "preprocessor_config.json").read_text() == '{"size": 64}'
-    assert json.loads(report.read_text())["output"] == {"path": str(out.resolve()), "sha256": checkpoint.sha256(out)}
-    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~checkpoint._umask())
+    assert json.loads(report.read_text())["output"] == {"path": str(out.resolve()), "sha256": outputs.digest(out)}
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~files.umask())
     assert names(tmp_path) == ["in", "out"]
     assert converted_report(out) == report
 
 
 def test_a_folders_digest_is_that_of_its_top_level_files_but_the_report(tmp_path: Path) -> None:
     write_model(tmp_path)
-    before = checkpoint.sha256(tmp_path)
+    before = outputs.digest(tmp_path)
     (tmp_path / "fxeq.json").write_text("{}")
     (tmp_path / "checkpoint-500").mkdir()
     (tmp_path / "checkpoint-500" / "optimizer.pt").write_bytes(b"not part of the model")
-    assert checkpoint.sha256(tmp_path) == before
+    assert outputs.digest(tmp_path) == before
     safetensors.torch.save_file({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
-    assert checkpoint.sha256(tmp_path) != before
+    assert outputs.digest(tmp_path) != before
 
 
 @pytest.mark.parametrize("other", ["empty", "filled"])
@@ -294,9 +289,9 @@ def test_a_folder_that_appears_meanwhile_is_left_alone(other: str, tmp_path: Pat
     out.mkdir()
     if other == "filled":
         (out / "theirs.txt").write_text("another run's")
-    with pytest.raises(FileExistsError, match=r"out appeared while fxeq was writing \(another fxeq convert to the "
+    with pytest.raises(FileExistsError, match=r"out appeared while fxeq was writing \(another run writing to the "
                                               r"same output\?\) and was left as it is; choose another output"):
-        checkpoint.save_converted_folder(write_model, out, {})
+        outputs.save_converted_folder(write_model, out, {})
     assert names(out) == ([] if other == "empty" else ["theirs.txt"])
     assert names(tmp_path) == ["out"]
 
@@ -314,7 +309,7 @@ def test_a_folder_written_into_the_placeholder_meanwhile_is_left_alone(
 
     monkeypatch.setattr(os, "mkdir", then_another_run_writes)
     with pytest.raises(FileExistsError, match=r"out appeared while fxeq was writing"):
-        checkpoint.save_converted_folder(write_model, out, {})
+        outputs.save_converted_folder(write_model, out, {})
     assert names(out) == ["theirs.txt"]
     assert names(tmp_path) == ["out"]
 
@@ -324,7 +319,7 @@ def test_force_replaces_an_earlier_folder(tmp_path: Path) -> None:
     out.mkdir()
     (out / "config.json").write_text("old")
     (out / "stale.bin").write_bytes(b"old weights")
-    checkpoint.save_converted_folder(write_model, out, {}, force=True)
+    outputs.save_converted_folder(write_model, out, {}, force=True)
     assert names(out) == ["config.json", "fxeq.json", "model.safetensors"]
     assert names(tmp_path) == ["out"]  # nothing left aside
 
@@ -350,8 +345,8 @@ def test_a_failing_folder_write_leaves_the_earlier_folder_as_it_was(
 
     if step == "rename":
         monkeypatch.setattr(os, "rename", failing_rename)
-    with pytest.raises(OSError, match="No space left on device"):
-        checkpoint.save_converted_folder(failing_save if step == "save" else write_model, out, {}, force=True)
+    with pytest.raises(OSError, match="(?i)no space left on"):
+        outputs.save_converted_folder(failing_save if step == "save" else write_model, out, {}, force=True)
     assert names(out) == ["config.json"] and (out / "config.json").read_text() == "old"
     assert names(tmp_path) == ["out"]
 
@@ -395,21 +390,21 @@ def test_check_output_folder_refusals(
 
 
 def test_a_converted_folder_is_refused_as_input(tmp_path: Path) -> None:
-    checkpoint.save_converted_folder(write_model, tmp_path / "converted", {})
-    with pytest.raises(ValueError, match=r"converted was written by fxeq convert \(.*converted/fxeq\.json lies in "
-                                         r"it\); converting it again would divide .* twice"):
+    outputs.save_converted_folder(write_model, tmp_path / "converted", {})
+    with pytest.raises(ValueError, match=r"converted was already equalized by fxeq \(.*converted/fxeq\.json lies in "
+                                         r"it\); equalizing it again would divide .* twice"):
         check_not_converted(tmp_path / "converted")
 
 
 def test_a_folder_without_transformers_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_model(tmp_path)
-    (tmp_path / checkpoint.PREPROCESSOR_CONFIG).write_text("{}")
+    (tmp_path / hf.PREPROCESSOR_CONFIG).write_text("{}")
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     message = (r"is a Hugging Face save_pretrained folder \(it holds config\.json\); reading it needs the "
                r"transformers package, which is not installed\. Install fxeq's Hugging Face extra: "
-               r"pip install 'fxeq\[hf\]'")
+               r"pip install -e '\.\[hf\]'")
     with pytest.raises(ValueError, match=message):
-        checkpoint.load_pretrained(tmp_path)
+        hf.load_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
-        checkpoint.load_image_processor(tmp_path)
-    assert checkpoint.is_pretrained_folder(tmp_path) and not checkpoint.is_pretrained_folder(tmp_path / "config.json")
+        hf.load_image_processor(tmp_path)
+    assert hf.is_pretrained_folder(tmp_path) and not hf.is_pretrained_folder(tmp_path / "config.json")

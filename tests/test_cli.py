@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from cli_models import NoFuse, TinyFuse, assert_fails, run_cli
+from cli_models import NoFuse, TinyFuse, assert_fails, run_cli, run_main
 from PIL import Image
 
-from fxeq import __version__, checkpoint
-from fxeq.cli import main
-from fxeq.data import generate_images
+from fxeq import __version__, files
+from fxeq.cli import hf, main, outputs
+from fxeq.cli.images import generate_images
+from fxeq.report import FOLDER_REPORT, report_path
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
 
@@ -131,8 +132,11 @@ def test_convert_succeeds_and_prints_the_table(converted: dict[str, Any]) -> Non
     assert "site cat -> fuse; std max/min" in result.stdout
     assert "bilinear x4" in result.stdout
     assert f"wrote {converted['output']}" in result.stdout
-    assert "fxeq calibration" in result.stderr  # the progress bar
-    assert "calibrating on 4 images" in result.stderr and "2 batches of up to 2" in result.stderr
+    # stderr is no terminal here: no progress bar (no carriage returns in a log), but notes on each step
+    assert "fxeq calibration" not in result.stderr and "\r" not in result.stderr
+    assert "finding the fusion sites of TinyFuse on the first batch (frontend auto)" in result.stderr
+    assert "found 1 fusion site (fuse); calibrating on 4 images" in result.stderr
+    assert "2 batches of up to 2" in result.stderr
     assert "fxeq: warning: skipped 1 file in " in result.stderr and "jpg/jpeg/png/webp: 1 .txt" in result.stderr
 
 
@@ -153,7 +157,7 @@ def test_convert_leaves_the_input_alone_and_writes_a_report(converted: dict[str,
     assert report["checkpoint"] == {"path": str(converted["source"].resolve()), "sha256": converted["digest"]}
     assert report["output"]["sha256"] == digest(converted["output"])
     assert report["model"] == {"spec": "cli_models:TinyFuse", "kwargs": {"classes": 3}, "class": "cli_models.TinyFuse"}
-    assert report["calibration"]["images"] == 4
+    assert report["calibration_data"]["images"] == 4 and report["calibration"]["batches"] == 2
     assert {"torch", "torchvision", "fxeq"} <= report["versions"].keys()
     assert sorted(p.name for p in converted["output"].parent.iterdir()) == ["tiny.fxeq.pt", "tiny.fxeq.pt.fxeq.json"]
 
@@ -229,14 +233,14 @@ def test_a_file_that_appears_during_the_run_is_left_alone(
 ) -> None:
     """Another run takes OUT after fxeq checked it: fxeq places its files only on free names."""
     output = tmp_path / "out.pt"
-    check_output = checkpoint.check_output
+    check_output = outputs.check_output
 
     def then_another_run_writes(*args: Any, **kwargs: Any) -> Path:
         checked = check_output(*args, **kwargs)
         output.write_bytes(b"another run's")
         return checked
 
-    monkeypatch.setattr(checkpoint, "check_output", then_another_run_writes)
+    monkeypatch.setattr(outputs, "check_output", then_another_run_writes)
     result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
     assert_fails(result, 2, "out.pt appeared while fxeq was writing", "left as it is", "choose another output")
     assert output.read_bytes() == b"another run's"
@@ -248,16 +252,17 @@ def test_a_failing_checkpoint_write_takes_its_report_back(
 ) -> None:
     """The report is placed first, the checkpoint second; if that fails, neither stays."""
     output = tmp_path / "out.pt"
-    place = checkpoint._place
+    place = outputs.place
 
     def disk_full_for_the_checkpoint(tmp: Path, path: Path, *, replace: bool) -> None:
         if path == output:
             raise OSError(28, "No space left on device")
         place(tmp, path, replace=replace)
 
-    monkeypatch.setattr(checkpoint, "_place", disk_full_for_the_checkpoint)
+    monkeypatch.setattr(outputs, "place", disk_full_for_the_checkpoint)
     result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
-    assert_fails(result, 1, "No space left on device")
+    assert_fails(result, 2, f"no space left on the disk of {tmp_path} while writing out.pt; nothing was written "
+                 "there. Free some space, or write to another disk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
 
 
@@ -312,7 +317,7 @@ def test_random_bytes_as_checkpoint(cli: Run, tmp_path: Path, images: Path) -> N
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 16)
     result = cli("convert", "noise.pt", *MODEL, "--calib", images, *DATA, "-o", "o.pt")
     assert_fails(result, 2, "noise.pt is not a readable PyTorch or safetensors checkpoint (UnpicklingError: ",
-                 "written by torch.save", "--trust-pickle", "trust where it comes from")
+                 "written by torch.save", "Is it complete")
     assert "weights_only" not in result.stderr
 
 
@@ -418,13 +423,13 @@ def test_a_link_to_a_converted_checkpoint_is_not_converted_again(
 ) -> None:
     (tmp_path / "model.pt").symlink_to(converted["output"])
     result = cli("convert", "model.pt", *MODEL, "--calib", images, *DATA, "-o", "o.pt")
-    assert_fails(result, 2, "model.pt was written by fxeq convert", "tiny.fxeq.pt.fxeq.json lies beside it", "twice")
+    assert_fails(result, 2, "model.pt was already equalized by fxeq", "tiny.fxeq.pt.fxeq.json lies beside it", "twice")
 
 
 def test_converted_checkpoint_is_not_converted_again(converted: dict[str, Any], images: Path, tmp_path: Path) -> None:
     result = run_cli("convert", converted["output"], *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
                      cwd=tmp_path)
-    assert_fails(result, 2, "written by fxeq convert", "twice", "original checkpoint")
+    assert_fails(result, 2, "was already equalized by fxeq", "twice", "original checkpoint")
 
 
 def test_no_site_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) -> None:
@@ -432,8 +437,9 @@ def test_no_site_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) ->
     torch.save(NoFuse().state_dict(), source)
     result = run_cli("convert", source, "--model", "cli_models:NoFuse", "--calib", images, *DATA,
                      "-o", tmp_path / "o.pt", cwd=tmp_path)
-    assert_fails(result, 1, "found no fusion site in NoFuse", "nothing was written")
+    assert_fails(result, 2, "found no fusion site in NoFuse", "nothing was written", "pass --all-concats")
     assert "fxeq: 0 sites" in result.stdout
+    assert "calibrating on" not in result.stderr  # nothing was calibrated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nofuse.pt"]
 
 
@@ -452,8 +458,9 @@ def test_inspect_prints_sites_and_writes_nothing(ckpt: Path, tmp_path: Path, ima
 def test_inspect_says_a_converted_checkpoint_is_one(converted: dict[str, Any], cli: Run, images: Path) -> None:
     result = cli("inspect", converted["output"], *MODEL, "--calib", images, *DATA)
     assert result.returncode == 0, result.stderr
-    assert f"fxeq: {converted['output']} is a checkpoint converted by fxeq convert" in result.stderr
+    assert f"fxeq: {converted['output']} is a checkpoint equalized by fxeq" in result.stderr
     assert "the fusion inputs measured below are not, so their std ratios are the same as before" in result.stderr
+    assert "every upstream fold is already in its weights" in result.stderr
     assert f"  converted from {converted['source'].resolve()}\n" in result.stderr
     assert re.search(r"\n  site cat -> fuse; std max/min \d+\.\d\d divided out", result.stderr)
     assert "site cat -> fuse; std max/min" in result.stdout  # and the measurement, as for any checkpoint
@@ -463,7 +470,7 @@ def test_inspect_counts_in_the_singular(cli: Run, tmp_path: Path) -> None:
     generate_images(tmp_path / "two", 2, size=32)
     result = cli("inspect", *MODEL, "--calib", tmp_path / "two", *DATA)
     assert result.returncode == 0, result.stderr
-    assert "calibrating on 2 images from " in result.stderr and "(32x32, 1 batch of up to 2, cpu)" in result.stderr
+    assert "calibrating on 2 images from " in result.stderr and "(32x32 RGB, 1 batch of up to 2, cpu)" in result.stderr
 
 
 def test_inspect_json(tmp_path: Path, images: Path) -> None:
@@ -524,3 +531,139 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
     assert_fails(run_cli("demo", "--workdir", tmp_path, cwd=tmp_path), 2, "not made by fxeq demo", "--workdir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+# ---------------------------------------------------------------------------
+# Every error caused by what was passed exits 2, naming the flag (trust, round 2)
+# ---------------------------------------------------------------------------
+
+def test_a_size_the_model_cannot_take_names_size(cli: Run, images: Path, tmp_path: Path) -> None:
+    torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "checked.pt")
+    result = cli("convert", "checked.pt", "--model", "cli_models:ShapeChecked", "--model-kwargs", '{"classes": 3}',
+                 "--calib", images, "--size", "36", "--batch-size", "2", "-o", "out.pt")
+    assert_fails(result, 2, "ShapeChecked does not run on the calibration images at --size 36 with --channels 3",
+                 "(a batch of shape (2, 3, 36, 36))", "ValueError: Wrong input shape width=36",
+                 "Fix: pass a --size the model takes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checked.pt"]
+
+
+def test_a_model_of_other_input_channels_names_channels(cli: Run, images: Path, tmp_path: Path) -> None:
+    torch.save(TinyFuse(classes=3, in_channels=1).state_dict(), tmp_path / "gray.pt")
+    result = cli("convert", "gray.pt", "--model", "cli_models:TinyFuse", "--model-kwargs",
+                 '{"classes": 3, "in_channels": 1}', "--calib", images, *DATA, "-o", "out.pt")
+    assert_fails(result, 2, "TinyFuse does not run on the calibration images at --size 32 with --channels 3",
+                 "(a batch of shape (2, 3, 32, 32))", "--channels with its input channels")
+
+
+@pytest.mark.parametrize(("channels", "extra"), [
+    (1, []), (4, ["--mean", "0.5,0.5,0.5,0.5", "--std", "0.25,0.25,0.25,0.25"]),
+], ids=["grayscale", "rgba"])
+def test_channels_decodes_the_images_as_the_model_takes_them(
+    channels: int, extra: list[str], cli: Run, images: Path, tmp_path: Path
+) -> None:
+    torch.save(TinyFuse(classes=3, in_channels=channels).state_dict(), tmp_path / "m.pt")
+    result = cli("convert", "m.pt", "--model", "cli_models:TinyFuse", "--model-kwargs",
+                 json.dumps({"classes": 3, "in_channels": channels}), "--calib", images, *DATA,
+                 "--channels", channels, *extra, "-o", "out.pt")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.pt.fxeq.json").read_text())
+    assert report["preprocessing"]["channels"] == channels and len(report["preprocessing"]["mean"]) == channels
+    assert report["example"]["args"][0]["shape"][1] == channels
+    assert f"32x32 {'grayscale' if channels == 1 else 'RGBA'}" in result.stderr
+
+
+def test_channels_needs_a_normalization_of_its_length(cli: Run, ckpt: Path, images: Path) -> None:
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "--channels", "4", "-o", "out.pt")
+    assert_fails(result, 2, "--mean: --channels 4 (RGBA) has no default normalization; pass --mean and --std with "
+                 "4 values each")
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "--mean", "0.5,0.5", "-o", "out.pt")
+    assert_fails(result, 2, "--mean 0.5,0.5: expected 3 values, one per channel of --channels 3 (RGB)")
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "--std", "0.5,0,0.5", "-o", "out.pt")
+    assert_fails(result, 2, "--std 0.5,0,0.5: every std must be positive")
+
+
+def test_a_frontend_that_cannot_capture_names_frontend(cli: Run, images: Path, tmp_path: Path) -> None:
+    torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "checked.pt")
+    result = cli("convert", "checked.pt", "--model", "cli_models:ShapeChecked", "--model-kwargs", '{"classes": 3}',
+                 "--calib", images, *DATA, "--frontend", "fx", "-o", "out.pt")
+    assert_fails(result, 2, "--frontend fx could not capture ShapeChecked (fx: TraceError: ",
+                 "pass --frontend auto to try every frontend")
+
+
+def test_skip_reasons_in_the_table_name_the_flag(tmp_path: Path, images: Path) -> None:
+    torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "tiny.pt")
+    result = run_main("inspect", tmp_path / "tiny.pt", "--model", "cli_models:SameResolution", "--model-kwargs",
+                      '{"classes": 3}', "--calib", images, *DATA)
+    assert result.returncode == 0, result.stderr
+    assert "pass --all-concats to include concatenations of same-resolution features" in result.stdout
+    assert "all_concats=True" not in result.stdout + result.stderr
+
+
+def test_a_folder_of_images_as_checkpoint_is_called_what_it_is(cli: Run, images: Path) -> None:
+    result = cli("convert", images, *MODEL, "--calib", images, *DATA, "-o", "out")
+    assert_fails(result, 2, "is a folder without config.json, so not a Hugging Face save_pretrained folder (it holds "
+                 "2 .png files", "expected a checkpoint file")
+
+
+@pytest.mark.parametrize(("name", "kind"), [("picture.png", "a PNG image"), ("notes.txt", "a text file")])
+def test_an_image_or_text_file_as_checkpoint_is_not_one(name: str, kind: str, cli: Run, images: Path,
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / name
+    if name.endswith(".png"):
+        Image.new("RGB", (8, 8)).save(path)
+    else:
+        path.write_text("weights are elsewhere\n")
+    result = cli("convert", path, *MODEL, "--calib", images, *DATA, "-o", "out.pt")
+    assert_fails(result, 2, f"{name} is not a checkpoint: it is {kind}")
+    assert "--trust-pickle" not in result.stderr
+
+
+def test_a_missing_model_prints_converts_usage(cli: Run, ckpt: Path, images: Path) -> None:
+    result = cli("convert", ckpt, "--calib", images, "-o", "out.pt")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: fxeq convert ")
+    assert "fxeq: error: --model is required for a checkpoint file" in result.stderr
+
+
+def test_quiet_prints_no_notes_but_the_report(cli: Run, ckpt: Path, images: Path) -> None:
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "--quiet", "-o", "out.pt")
+    assert result.returncode == 0, result.stderr
+    assert "fxeq: " not in result.stderr.replace("fxeq: warning", "")  # warnings still show
+    assert "site cat -> fuse" in result.stdout
+
+
+def test_a_full_disk_is_named(cli: Run, ckpt: Path, images: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil_usage(free=1024))
+    result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", "out.pt")
+    assert_fails(result, 2, f"no space left on the disk of {tmp_path} while writing out.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+
+
+def shutil_usage(*, free: int) -> Any:
+    import collections
+    return collections.namedtuple("usage", "total used free")(1 << 30, (1 << 30) - free, free)
+
+
+def test_inspect_of_a_converted_chained_model_gives_the_same_stds(tmp_path: Path) -> None:
+    """smp UPerNet has chained sites: inspect must not fold the upstream site a second time on the converted one."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    generate_images(tmp_path / "images", 4, size=64)
+    kwargs = {"encoder_name": "resnet18", "encoder_weights": None, "classes": 3, "decoder_channels": 32}
+    torch.manual_seed(0)
+    torch.save(smp.UPerNet(**kwargs).state_dict(), tmp_path / "upernet.pt")
+    model = ["--model", "segmentation_models_pytorch:UPerNet", "--model-kwargs", json.dumps(kwargs)]
+    data = ["--calib", tmp_path / "images", "--size", "64", "--batch-size", "2"]
+    assert run_main("convert", tmp_path / "upernet.pt", *model, *data, "-o", tmp_path / "eq.pt").returncode == 0
+    before = json.loads(run_main("inspect", tmp_path / "upernet.pt", *model, *data, "--json").stdout)
+    after = run_main("inspect", tmp_path / "eq.pt", *model, *data, "--json")
+    assert "equalized by fxeq" in after.stderr
+    after_report = json.loads(after.stdout)
+    assert len(before["sites"]) == 2 and before["sites"][1]["depends_on"]
+    for a, b in zip(before["sites"], after_report["sites"], strict=True):
+        for ia, ib in zip(a["inputs"], b["inputs"], strict=True):
+            assert ib["std"] == pytest.approx(ia["std"], rel=1e-4), (a["name"], ia["index"])

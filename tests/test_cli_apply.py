@@ -14,8 +14,10 @@ import pytest
 import torch
 from cli_models import TinyFuse, assert_fails, run_main
 
-from fxeq import checkpoint
-from fxeq.data import generate_images
+from fxeq import files
+from fxeq.cli import hf, outputs
+from fxeq.report import FOLDER_REPORT, report_path
+from fxeq.cli.images import generate_images
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
 
@@ -57,13 +59,13 @@ def test_apply_writes_bitwise_what_convert_wrote(run: dict[str, Path], tmp_path:
     applied, converted = torch.load(output, weights_only=True), torch.load(run["converted"], weights_only=True)
     assert applied.keys() == converted.keys()
     assert all(torch.equal(applied[k], converted[k]) for k in converted)
-    report = json.loads(checkpoint.report_path(output).read_text())
+    report = json.loads(report_path(output).read_text())
     original = json.loads(run["report"].read_text())
     assert report["sites"] == original["sites"] and report["calibration"] == original["calibration"]
     assert report["command"][:2] == ["fxeq", "apply"]
     assert report["checkpoint"] == original["checkpoint"]  # the same checkpoint, by digest
-    assert report["replayed"] == {"report": str(run["report"].resolve()), "sha256": checkpoint.sha256(run["report"])}
-    assert report["output"] == {"path": str(output.resolve()), "sha256": checkpoint.sha256(output)}
+    assert report["replayed"] == {"report": str(run["report"].resolve()), "sha256": outputs.digest(run["report"])}
+    assert report["output"] == {"path": str(output.resolve()), "sha256": outputs.digest(output)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["applied.pt", "applied.pt.fxeq.json"]
 
 
@@ -72,7 +74,7 @@ def test_another_checkpoint_is_refused_without_force(run: dict[str, Path], tmp_p
     torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "other.pt")
     args = ("apply", tmp_path / "other.pt", *MODEL, "--report", run["report"], "-o", tmp_path / "out.pt")
     assert_fails(run_main(*args), 2, "other.pt is not the checkpoint the report was made from: its SHA-256 is ",
-                 f"the report's checkpoint ({run['source'].resolve()}) had {checkpoint.sha256(run['source'])}",
+                 f"the report's checkpoint ({run['source'].resolve()}) had {outputs.digest(run['source'])}",
                  "measured on other weights", "pass --force to apply it anyway")
     assert not (tmp_path / "out.pt").exists()
     result = run_main(*args, "--force")
@@ -103,13 +105,13 @@ def test_a_model_whose_sites_differ_from_the_reports_is_refused(run: dict[str, P
 
 def test_a_converted_checkpoint_is_refused(run: dict[str, Path], tmp_path: Path) -> None:
     result = run_main("apply", run["converted"], *MODEL, "--report", run["report"], "-o", tmp_path / "out.pt")
-    assert_fails(result, 2, "converted.pt was written by fxeq convert", "twice")
+    assert_fails(result, 2, "converted.pt was already equalized by fxeq", "twice")
 
 
 def test_the_report_is_never_written_over(run: dict[str, Path], tmp_path: Path) -> None:
     """``-o converted.pt --force`` would put its report on the --report file."""
     output = tmp_path / "model.pt"
-    report = _edited_report(run, tmp_path).rename(checkpoint.report_path(output))
+    report = _edited_report(run, tmp_path).rename(report_path(output))
     before = report.read_bytes()
     result = run_main("apply", run["source"], *MODEL, "--report", report, "-o", output, "--force")
     assert_fails(result, 2, "the output's report", "model.pt.fxeq.json is the input ", "even with --force")
@@ -118,8 +120,8 @@ def test_the_report_is_never_written_over(run: dict[str, Path], tmp_path: Path) 
 
 @pytest.mark.parametrize(("content", "words"), [
     (None, ["nowhere.fxeq.json does not exist", "OUT.fxeq.json beside a converted checkpoint file"]),
-    ("{not json", ["is not a readable JSON file", "expected the report fxeq convert wrote"]),
-    ("[1, 2]", ["is not an fxeq report (a JSON object with a 'sites' list)"]),
+    ("{not json", ["--report ", "nowhere.fxeq.json: the report text is not valid JSON"]),
+    ("[1, 2]", ["nowhere.fxeq.json: not an fxeq report: expected a JSON object with a 'sites' list", "found list"]),
     ("measurement", ['records a measurement ("folded": false, as fxeq inspect --json prints), not a conversion']),
 ], ids=["missing", "not-json", "not-a-report", "not-folded"])
 def test_unusable_reports(content: str | None, words: list[str], run: dict[str, Path], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from cli_models import TinyFuse, assert_fails, run_cli, run_main, subprocess_env
 
-from fxeq.data import generate_images
+from fxeq.cli.images import generate_images
 
 MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
 DATA = ["--size", "32", "--batch-size", "2"]
@@ -63,14 +63,14 @@ def test_two_processes_give_what_one_gives(tmp_path: Path) -> None:
     for sa, sb in zip(ra["sites"][0]["inputs"], rb["sites"][0]["inputs"], strict=True):
         assert (sa["count"], sa["samples"]) == (sb["count"], sb["samples"]) and sa["samples"] == 5  # each image once
         assert sa["mean"] == pytest.approx(sb["mean"], rel=1e-9) and sa["std"] == pytest.approx(sb["std"], rel=1e-9)
-    assert ra["calibration"]["processes"] == 2 and ra["calibration"]["images"] == 5
-    assert ra["calibration"]["batches"] == 2
+    assert ra["calibration_data"]["processes"] == 2 and ra["calibration_data"]["images"] == 5
+    assert ra["calibration"]["batches"] == ra["calibration_data"]["batches"] == 2  # all processes' batches
 
     # Rank 0 alone wrote and printed; rank 1 waited and exited 0.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "images", "sharded.pt", "sharded.pt.fxeq.json", "single.pt", "single.pt.fxeq.json", "tiny.pt"]
     assert sharded.stdout.count("wrote sharded.pt ") == 1
-    assert sharded.stderr.count("fxeq: calibrating on 5 images") == 1
+    assert sharded.stderr.count("calibrating on 5 images") == 1
     assert "2 processes, batch k on rank k % 2" in sharded.stderr
     assert "fxeq: error" not in sharded.stderr
 
@@ -83,14 +83,15 @@ def test_more_processes_than_batches_is_an_error_before_any_work(
     generate_images(tmp_path / "images", images, size=32)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    result = run_main("convert", tmp_path / "nowhere.pt", *MODEL, "--calib", tmp_path / "images", *DATA,
+    torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "tiny.pt")
+    result = run_main("convert", tmp_path / "tiny.pt", *MODEL, "--calib", tmp_path / "images", *DATA,
                       "-o", tmp_path / "out.pt")
     batches = "1 batch of up to 2" if images == 2 else "2 batches of up to 3"
     assert_fails(result, 2, f"rank 0 of 3: found {images} images in ", f"which make {batches}, fewer than the 3 "
                  "processes calibrating", "each process calibrates on whole batches of its own",
                  f"or start at most {'1 process' if images == 2 else '2 processes'}")
     assert not dist.is_initialized()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "tiny.pt"]
 
 
 @pytest.mark.parametrize("command", [["apply", "x.pt", *MODEL, "--report", "x.fxeq.json", "-o", "y.pt"], ["demo"]])

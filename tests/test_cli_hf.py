@@ -20,8 +20,10 @@ from cli_models import assert_fails, run_main
 from PIL import Image
 
 import fxeq
-from fxeq import checkpoint
-from fxeq.data import find_images, generate_images
+from fxeq import files
+from fxeq.cli import hf, outputs
+from fxeq.report import FOLDER_REPORT, report_path
+from fxeq.cli.images import find_images, generate_images
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -95,19 +97,19 @@ def test_the_report_says_which_preprocessing_was_used(hf: dict[str, Any]) -> Non
     assert preprocessing["kind"] == "image processor" and preprocessing["class"] == "SegformerImageProcessor"
     assert preprocessing["file"] == str((hf["folder"] / "preprocessor_config.json").resolve())
     assert preprocessing["settings"]["size"] == {"height": 64, "width": 64}
-    assert report["checkpoint"] == {"path": str(hf["folder"].resolve()), "sha256": checkpoint.sha256(hf["folder"])}
-    assert report["output"] == {"path": str(hf["output"].resolve()), "sha256": checkpoint.sha256(hf["output"])}
+    assert report["checkpoint"] == {"path": str(hf["folder"].resolve()), "sha256": outputs.digest(hf["folder"])}
+    assert report["output"] == {"path": str(hf["output"].resolve()), "sha256": outputs.digest(hf["output"])}
     assert report["model"] == {"spec": "transformers:AutoModelForSemanticSegmentation", "kwargs": {},
                                "class": "transformers.models.segformer.modeling_segformer."
                                         "SegformerForSemanticSegmentation"}
     assert report["versions"]["transformers"] == T.__version__
-    assert report["calibration"]["images"] == 4 and report["calibration"]["batches"] == 2
+    assert report["calibration_data"]["images"] == 4 and report["calibration"]["batches"] == 2
 
 
 def test_a_converted_folder_is_not_converted_again(hf: dict[str, Any], tmp_path: Path) -> None:
     """from_pretrained loses fxeq's mark on the model; the report inside the folder keeps it."""
     result = run_main("convert", hf["output"], "--calib", hf["images"], *CALIB, "-o", tmp_path / "twice")
-    assert_fails(result, 2, "segformer-fxeq was written by fxeq convert", "fxeq.json lies in it", "twice")
+    assert_fails(result, 2, "segformer-fxeq was already equalized by fxeq", "fxeq.json lies in it", "twice")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -117,10 +119,10 @@ def test_an_existing_output_folder_needs_force(hf: dict[str, Any]) -> None:
 
 
 def test_the_output_may_not_be_the_input_folder(hf: dict[str, Any]) -> None:
-    before = checkpoint.sha256(hf["folder"])
+    before = outputs.digest(hf["folder"])
     result = run_main("convert", hf["folder"], "--calib", hf["images"], *CALIB, "-o", hf["folder"], "--force")
     assert_fails(result, 2, "is the input", "fxeq never overwrites its input, even with --force")
-    assert checkpoint.sha256(hf["folder"]) == before
+    assert outputs.digest(hf["folder"]) == before
 
 
 def test_size_mean_and_std_are_refused_with_an_image_processor(hf: dict[str, Any], tmp_path: Path) -> None:
@@ -139,7 +141,7 @@ def test_inspect_a_folder_without_an_image_processor_uses_size_mean_and_std(hf: 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["preprocessing"] == {"kind": "resize the shorter side, center crop, normalize", "size": 64,
-                                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+                                       "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert [s["convs"][0]["module"] for s in report["sites"]] == ["decode_head.linear_fuse"]
     assert report["folded"] is False and report["sites"][0]["inputs"][0]["samples"] == 4
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
@@ -184,5 +186,5 @@ def test_a_folder_without_transformers_names_the_extra_to_install(
                     ["inspect", hf["folder"], "--calib", hf["images"]]):
         result = run_main(*command)
         assert_fails(result, 2, "segformer is a Hugging Face save_pretrained folder (it holds config.json)",
-                     "needs the transformers package, which is not installed", "pip install 'fxeq[hf]'")
+                     "needs the transformers package, which is not installed", "pip install -e '.[hf]'")
     assert list(tmp_path.iterdir()) == []

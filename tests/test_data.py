@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fxeq.data import (
+from fxeq.cli.images import (
     BatchShard,
     CalibrationImageError,
     ImageFiles,
@@ -213,3 +213,50 @@ def test_images_of_different_sizes_after_preprocessing_are_an_error(tmp_path: Pa
                                                     r"\(3x8x8 and 3x12x8\), so they cannot be batched; expected one "
                                                     r"size\. Make the image processor resize to a fixed size"):
         next(iter(loader))
+
+
+# ---------------------------------------------------------------------------
+# Trust, round 2: huge images, linked folders, EXIF orientation, channels
+# ---------------------------------------------------------------------------
+
+def test_an_image_over_pils_decompression_bomb_limit_is_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(2):
+        Image.new("RGB", (40, 30), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels: over twice the limit, a DecompressionBombError
+    batch = next(iter(calibration_loader(tmp_path, size=8, batch_size=2)))
+    assert batch.shape == (2, 3, 8, 8)
+
+
+def test_linked_folders_are_followed_once(tmp_path: Path) -> None:
+    real, calib = tmp_path / "real", tmp_path / "calib"
+    real.mkdir()
+    calib.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "a.png")
+    Image.new("RGB", (8, 8)).save(calib / "b.png")
+    (calib / "linked").symlink_to(real, target_is_directory=True)
+    (calib / "loop").symlink_to(calib, target_is_directory=True)  # a cycle: read once
+    assert [p.name for p in find_images(calib)] == ["b.png", "a.png"]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (40, 20)).save(tmp_path / "plain.jpg")
+    shapes = [tuple(ImageFiles([tmp_path / n], preprocess=lambda x: x.float())[0].shape)
+              for n in ("rotated.jpg", "plain.jpg")]
+    assert shapes == [(3, 40, 20), (3, 20, 40)]
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_images_are_decoded_as_the_models_channels(channels: int, tmp_path: Path) -> None:
+    for i in range(2):
+        Image.new("RGB", (12, 12), (200, 100, 50)).save(tmp_path / f"{i}.png")
+    mean, std = (0.0,) * channels, (1.0,) * channels
+    batch = next(iter(calibration_loader(tmp_path, size=8, batch_size=2, channels=channels, mean=mean, std=std)))
+    assert batch.shape == (2, channels, 8, 8)
+    if channels == 4:
+        assert torch.allclose(batch[:, 3], torch.ones(2, 8, 8))  # opaque: the file has no alpha
+    with pytest.raises(ValueError, match=rf"mean and std need {channels} value"):
+        calibration_loader(tmp_path, size=8, batch_size=2, channels=channels)

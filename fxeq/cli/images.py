@@ -2,10 +2,12 @@
 
 fxeq measures each fusion input's mean and std on calibration batches, so the
 command line needs batches from image files: :func:`calibration_loader` finds
-the images under a folder, decodes them with ``torchvision.io.decode_image``
-(8- and 16-bit, grayscale, palette and RGBA files alike, as RGB), resizes
-(shorter side) and center-crops them to one size, scales them to 0..1 by
-their bit depth, normalizes them as the model was trained, and batches them;
+the images under a folder (following linked sub-folders once), decodes them
+with ``torchvision.io.decode_image`` (8- and 16-bit, grayscale, palette and
+RGBA files alike, turned upright by their EXIF orientation) as the model's
+channels (1: grayscale, 3: RGB, 4: RGBA), resizes (shorter side) and
+center-crops them to one size, scales them to 0..1 by their bit depth,
+normalizes them as the model was trained, and batches them;
 or hands each decoded image to a model's own preprocessing (a Hugging Face
 image processor, through :class:`ImageProcessorTransform`). Calibration runs
 batch normalization with batch statistics, which fails on batches of one
@@ -25,6 +27,7 @@ are no substitute for real training images.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections import Counter
@@ -37,20 +40,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
-from .report import plural
+from .._text import plural
+from .._torchvision import torchvision
 
 __all__ = [
-    "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "BatchShard", "CalibrationImageError",
-    "ImageFiles", "ImageProcessorTransform", "UnreadableImageError", "calibration_loader", "find_images",
-    "generate_images",
+    "CHANNELS", "GENERATED_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "BatchShard",
+    "CalibrationImageError", "ImageFiles", "ImageProcessorTransform", "UnreadableImageError", "calibration_loader",
+    "default_normalization", "find_images", "generate_images",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHANNELS = {1: "grayscale", 3: "RGB", 4: "RGBA"}
+"""The channel counts images are decoded as: the model's input channels."""
 GENERATED_PREFIX = "generated-texture-"
 _KINDS = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _CPP_LOCATION = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes its errors with the C++ source line
@@ -58,6 +62,23 @@ _CPP_LOCATION = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes its errors
 
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 """One decoded image, ``uint8`` of shape ``(3, H, W)``, → the model's input for it, ``(3, h, w)`` float."""
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The default mean and std for images of ``channels`` channels: ImageNet's, or None where there is none.
+
+    RGB gets ImageNet's; grayscale ImageNet's averaged over R, G and B; RGBA
+    none (no common convention for alpha: pass the training normalization).
+
+    Example:
+        >>> default_normalization(1), default_normalization(4)
+        (((0.449,), (0.226,)), None)
+    """
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if channels == 1:
+        return (round(sum(IMAGENET_MEAN) / 3, 3),), (round(sum(IMAGENET_STD) / 3, 3),)
+    return None
 
 
 class CalibrationImageError(ValueError):
@@ -93,7 +114,7 @@ def find_images(folder: str | Path) -> list[Path]:
             f"calibration folder {root} does not exist or is not a folder; pass a folder of "
             f"{_KINDS} images (searched recursively)"
         )
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = _files_under(root)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = Counter(p.suffix.lower() or "(no extension)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
     if not others:
@@ -112,15 +133,34 @@ def find_images(folder: str | Path) -> list[Path]:
     return images
 
 
-class ImageFiles(Dataset[torch.Tensor]):
-    """Image files as normalized ``(3, size, size)`` float tensors.
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, following linked folders once each (a link loop is read once)."""
+    seen: set[str] = set()
+    files: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                files.setdefault(os.path.realpath(path), path)
+    return sorted(files.values())
 
-    Each image is decoded as RGB (grayscale is repeated, alpha dropped),
-    resized so that its shorter side is ``size``, center-cropped to ``size``
-    x ``size``, scaled to 0..1 by its bit depth (a 16-bit PNG by 65535) and
-    normalized with ``mean`` and ``std`` (per channel, on the 0..1 scale).
-    With ``preprocess``, the decoded image (scaled to ``uint8``) goes to it
-    instead, and ``size``, ``mean`` and ``std`` are not used.
+
+class ImageFiles(Dataset[torch.Tensor]):
+    """Image files as normalized ``(channels, size, size)`` float tensors.
+
+    Each image is turned upright by its EXIF orientation and decoded as
+    ``channels`` channels (3: RGB, grayscale repeated and alpha dropped; 1:
+    grayscale; 4: RGBA, opaque where the file has no alpha), resized so that
+    its shorter side is ``size``, center-cropped to ``size`` x ``size``,
+    scaled to 0..1 by its bit depth (a 16-bit PNG by 65535) and normalized
+    with ``mean`` and ``std`` (per channel, on the 0..1 scale). With
+    ``preprocess``, the decoded RGB image (scaled to ``uint8``) goes to it
+    instead, and ``size``, ``mean``, ``std`` and ``channels`` are not used.
 
     Args:
         paths: the image files.
@@ -129,6 +169,7 @@ class ImageFiles(Dataset[torch.Tensor]):
         std: per-channel std. Default: ImageNet's.
         preprocess: the model's own preprocessing, e.g. an
             :class:`ImageProcessorTransform`. Default: None.
+        channels: 1, 3 or 4 (:data:`CHANNELS`). Default: 3.
 
     Raises:
         UnreadableImageError: on indexing, when the file cannot be decoded.
@@ -150,9 +191,15 @@ class ImageFiles(Dataset[torch.Tensor]):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         preprocess: Preprocess | None = None,
+        channels: int = 3,
     ) -> None:
+        io, v2 = torchvision("io"), torchvision("transforms.v2")
         self.paths = list(paths)
         self.size = size
+        modes = {1: io.ImageReadMode.GRAY, 3: io.ImageReadMode.RGB, 4: io.ImageReadMode.RGB_ALPHA}
+        self.mode = modes[3 if preprocess is not None else channels]
+        self.rgb, self.rgba = modes[3], modes[4]
+        self.decode = io.decode_image
         self.transform: Preprocess
         if preprocess is not None:
             self.transform = v2.Compose([v2.ToDtype(torch.uint8, scale=True), preprocess])
@@ -169,10 +216,13 @@ class ImageFiles(Dataset[torch.Tensor]):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
+        opaque = self.mode == self.rgba and path.suffix.lower() in (".jpg", ".jpeg")  # JPEG has no alpha to read
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
+            image = self.decode(str(path), mode=self.rgb if opaque else self.mode, apply_exif_orientation=True)
         except (OSError, RuntimeError) as e:
             raise _unreadable(path, e) from e
+        if opaque:
+            image = torch.cat([image, torch.full_like(image[:1], torch.iinfo(image.dtype).max)])
         return self.transform(image)
 
 
@@ -242,6 +292,7 @@ def calibration_loader(
     num_batches: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    channels: int = 3,
 ) -> DataLoader[torch.Tensor]:
     """Batches of the images under ``folder``, ready for calibration.
 
@@ -264,9 +315,11 @@ def calibration_loader(
         rank: this process's rank under ``torch.distributed``. Default: 0.
         world_size: the number of processes; each takes its share of the
             batches (:class:`BatchShard`). Default: 1.
+        channels: decode the images as 1 (grayscale), 3 (RGB) or 4 (RGBA)
+            channels; ``mean`` and ``std`` need as many values. Default: 3.
 
     Returns:
-        A DataLoader of ``(batch, 3, size, size)`` tensors, in file order,
+        A DataLoader of ``(batch, channels, size, size)`` tensors, in file order,
         whose ``batch_sampler`` is a :class:`BatchShard`.
 
     Raises:
@@ -288,11 +341,14 @@ def calibration_loader(
     """
     if size < 1:
         raise ValueError(f"the image size must be a positive number of pixels, got {size}")
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be one of {', '.join(map(str, CHANNELS))} ({', '.join(CHANNELS.values())}), "
+                         f"got {channels}")
+    if preprocess is None and (len(mean) != channels or len(std) != channels or min(std) <= 0):
         raise ValueError(
-            f"mean and std need 3 values (R, G, B) and std must be positive; got mean={tuple(mean)}, "
-            f"std={tuple(std)}. Use the normalization the model was trained with, e.g. ImageNet's "
-            f"mean={IMAGENET_MEAN}, std={IMAGENET_STD}."
+            f"mean and std need {plural(channels, 'value')} ({CHANNELS[channels]}) and std must be positive; got "
+            f"mean={tuple(mean)}, std={tuple(std)}. Use the normalization the model was trained with, e.g. "
+            f"ImageNet's mean={IMAGENET_MEAN}, std={IMAGENET_STD} for RGB."
         )
     if batch_size < 2:
         raise ValueError(
@@ -318,11 +374,8 @@ def calibration_loader(
             f"most {plural(len(batches), 'process', 'processes')}."
         )
     for path in paths:  # fail before any work on a file that is not an image (reads headers only)
-        try:
-            Image.open(path).close()
-        except OSError as e:
-            raise _unreadable(path, e) from e
-    dataset = ImageFiles(paths, size=size, mean=mean, std=std, preprocess=preprocess)
+        _check_header(path)
+    dataset = ImageFiles(paths, size=size, mean=mean, std=std, preprocess=preprocess, channels=channels)
     return DataLoader(dataset, batch_sampler=BatchShard(batches, rank, world_size), collate_fn=_stack)
 
 
@@ -369,6 +422,19 @@ def generate_images(folder: str | Path, count: int, *, size: int = 128, seed: in
         Image.fromarray(pixels.numpy()).save(path)
         files.append(path)
     return files
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file whose header is not an image's; a very large image is fine (torchvision decodes it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(path).close()
+    except Image.DecompressionBombError:
+        return  # PIL's guard against huge images: the header was read, and decode_image has no such limit
+    except Exception as e:  # OSError; or what a patched Image.open raises instead (Ultralytics tries pi_heif)
+        cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
+        raise _unreadable(path, cause) from e
 
 
 def _batches(count: int, batch_size: int) -> tuple[tuple[int, ...], ...]:

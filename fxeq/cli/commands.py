@@ -1,0 +1,377 @@
+"""The four commands: convert, apply, inspect, demo.
+
+Each checks everything it can before any work (inputs first, then the
+output), says what it is doing on stderr (rank 0 only, not with
+``--quiet``), and hands the work to the library: :func:`fxeq.prepare`,
+:func:`fxeq.calibrate`, :func:`fxeq.convert` and :func:`fxeq.apply`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from .._text import plural
+from .._torchvision import torchvision
+from .._version import versions
+from ..errors import CaptureError
+from ..pipeline import Prepared, calibrate, convert, prepare
+from ..replay import apply as apply_report
+from ..report import FOLDER_REPORT, Report, converted_report, report_path
+from . import checkpoints, hf, outputs
+from .errors import UsageError, bad_input, for_cli
+from .images import GENERATED_PREFIX, BatchShard, CalibrationImageError, generate_images
+from .loading import Loaded, describe_calibration, is_folder, load, load_model, model_record, model_spec
+from .parser import build_parser
+from .torchrun import is_rank_zero, note, process_group, rank_zero_writes
+
+__all__ = ["COMMANDS"]
+
+_DEMO_MARKER = ".fxeq-demo"
+_DEMO_MODEL = "torchvision.models.segmentation:deeplabv3_resnet50"
+_DEMO_KWARGS = {"weights": None, "weights_backbone": None, "num_classes": 21}
+_DEMO_IMAGES = "generated-calibration-images"
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> int:
+    output = _checked_paths(args)
+    loaded = load(args)
+    with bad_input():
+        outputs.check_not_converted(args.checkpoint, loaded.report)
+    with process_group(loaded.device):
+        prepared = _prepared(args, loaded)
+        if not prepared.search.sites:
+            if is_rank_zero():
+                print(for_cli(prepared.report.table()))
+            raise UsageError(
+                f"found no fusion site in {type(loaded.model).__name__}, so nothing was written: fxeq looks for a "
+                "channel concatenation with an interpolated input that feeds a conv. The concatenations it "
+                "skipped are listed above; pass --all-concats to include same-resolution ones and learned "
+                "upsampling."
+            )
+        _calibrated(args, loaded, prepared)
+        convert(prepared)
+        report = prepared.report
+        with rank_zero_writes() as writes:
+            if writes:
+                report.extra.update(_provenance(args, loaded, report))
+                report.versions = _versions(model_spec(args))
+                report_file = _save(args, output, loaded.model, loaded.state, report.to_dict())
+                print(for_cli(report.table()))
+                print(f"\nwrote {output} (rescaled {', '.join(_fusing_convs(report))}; every other tensor as in the "
+                      "input)")
+                print(f"wrote {report_file}")
+                _plot(args, report)
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    output = _checked_paths(args, args.report)
+    report_file = args.report / FOLDER_REPORT if args.report.is_dir() else args.report
+    recorded = _read_report(report_file)
+    digest = _check_report_source(args, recorded)
+    model, state, embedded = load_model(args)
+    with bad_input():
+        outputs.check_not_converted(args.checkpoint, embedded)
+    with bad_input(ValueError, TypeError):
+        apply_report(model, recorded)
+    record = {k: v for k, v in recorded.to_dict().items() if k != "output"}  # save_* records the new output
+    record.update(
+        command=["fxeq", *args.argv], checkpoint={"path": str(args.checkpoint.resolve()), "sha256": digest},
+        model=model_record(args, model), versions=_versions(model_spec(args)),
+        replayed={"report": str(report_file.resolve()), "sha256": outputs.digest(report_file)},
+    )
+    written = _save(args, output, model, state, record)
+    print(f"wrote {output} (rescaled {', '.join(_fusing_convs(recorded))} with the statistics in {report_file}; "
+          "every other tensor as in the input)")
+    print(f"wrote {written}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    converted = _note_if_converted(args) if args.checkpoint else False
+    loaded = load(args)
+    if loaded.report is not None and not converted:
+        note("the checkpoint holds the report of fxeq's ScaleEqualization callback: it was equalized during "
+             "training. The fusion inputs measured below are as the equalized model computes them.",
+             quiet=args.quiet)
+        converted = True
+    with process_group(loaded.device):
+        prepared = _prepared(args, loaded)
+        if prepared.search.sites:
+            # On an equalized checkpoint every upstream fold is in the weights already: measure the model as it
+            # is (one pass), or the downstream sites would be measured after folding their upstream sites twice.
+            _calibrated(args, loaded, prepared, one_pass=converted)
+    if is_rank_zero():
+        report = prepared.report
+        report.extra.update(_provenance(args, loaded, report))
+        report.versions = _versions(model_spec(args))
+        print(json.dumps(report.to_dict(), indent=2) if args.json else for_cli(report.table()))
+        _plot(args, report)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    workdir = _demo_workdir(args.workdir)
+    source = workdir / "deeplabv3_resnet50.pt"
+    output = workdir / "deeplabv3_resnet50.fxeq.safetensors"
+    images = workdir / _DEMO_IMAGES
+    for old in images.glob(f"{GENERATED_PREFIX}*.png"):
+        old.unlink()
+    segmentation = torchvision("models.segmentation")  # one clear sentence if torchvision cannot run here
+    outputs.save_state_dict(segmentation.deeplabv3_resnet50(**_DEMO_KWARGS).state_dict(), source)
+    note(f"saved a randomly initialized deeplabv3_resnet50 (nothing downloaded) to {source}", quiet=args.quiet)
+    generate_images(images, args.images, size=args.size)
+    note(f"GENERATED {args.images} synthetic calibration images (random multi-scale textures, not real data) "
+         f"in {images}", quiet=args.quiet)
+    argv = ["convert", str(source), "--model", _DEMO_MODEL, "--model-kwargs", json.dumps(_DEMO_KWARGS),
+            "--calib", str(images), "--size", str(args.size), "-o", str(output)]
+    # The folder is the demo's own, so its earlier output may be replaced.
+    if output.exists() or report_path(output).exists():
+        argv.append("--force")
+    argv += [flag for flag, on in (("--verbose", args.verbose), ("--quiet", args.quiet)) if on]
+    note("running: fxeq " + shlex.join(argv), quiet=args.quiet)
+    convert_args = build_parser().parse_args(argv)
+    convert_args.argv = argv
+    code = _convert(convert_args)  # raises on failure
+    print(
+        "\nThis demo calibrated a random model on GENERATED textures, to show the workflow. For a real "
+        "conversion, calibrate on a few hundred images from your model's training set, at its training "
+        "resolution:\n  fxeq convert your.pt --model MODULE:CALLABLE --model-kwargs JSON --calib "
+        "train_images/ -o your.fxeq.safetensors"
+    )
+    return code
+
+
+COMMANDS = {"convert": _convert, "apply": _apply, "inspect": _inspect, "demo": _demo}
+"""The commands, by name."""
+
+
+# ---------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------
+
+
+def _prepared(args: argparse.Namespace, loaded: Loaded) -> Prepared:
+    """The model captured on the first batch and searched, with CaptureError told in the command line's words."""
+    model = loaded.model
+    note(f"finding the fusion sites of {type(model).__name__} on the first batch (frontend {args.frontend})",
+         quiet=args.quiet)
+    with bad_input(CalibrationImageError):
+        example = next(iter(loaded.loader)).to(loaded.device)
+    try:
+        # inplace: this model is fxeq's own copy, loaded from the checkpoint; it needs no deployable graph.
+        prepared = prepare(model, example, inplace=True, frontend=args.frontend, all_concats=args.all_concats)
+    except CaptureError as e:
+        raise _capture_failure(args, loaded, example, e) from e
+    sites = prepared.search.sites
+    if sites:
+        convs = ", ".join(c.module for s in sites for c in s.convs)
+        note(f"found {plural(len(sites), 'fusion site')} ({convs}); calibrating on "
+             f"{describe_calibration(args, loaded)}", quiet=args.quiet)
+    return prepared
+
+
+def _calibrated(args: argparse.Namespace, loaded: Loaded, prepared: Prepared, *, one_pass: bool = False) -> None:
+    progress = None if is_rank_zero() and not args.quiet else False  # None: a bar only on a terminal
+    with bad_input(CalibrationImageError):
+        calibrate(prepared, loaded.loader, progress=progress, min_std=args.min_std, one_pass=one_pass)
+
+
+def _capture_failure(args: argparse.Namespace, loaded: Loaded, example: torch.Tensor, error: CaptureError
+                     ) -> UsageError:
+    """A model that does not run on the images as prepared, or that the chosen frontend cannot capture."""
+    name = type(loaded.model).__name__
+    if error.stage == "run":
+        cause = error.__cause__ or error
+        detail = str(cause).strip().splitlines()[0].rstrip(".") if str(cause).strip() else "(no message)"
+        pre = loaded.preprocessing
+        if "class" in pre:
+            how = f"as its image processor prepares them ({pre['file']})"
+            fix = "edit that image processor's size in a copy of the folder"
+        else:
+            how = f"at --size {pre['size']} with --channels {pre['channels']}"
+            fix = ("pass a --size the model takes (many need a multiple of 32), --channels with its input "
+                   "channels, or check --model-kwargs")
+        return UsageError(f"{name} does not run on the calibration images {how} (a batch of shape "
+                          f"{tuple(example.shape)}): {type(cause).__name__}: {detail}. Fix: {fix}")
+    listed = "; ".join(f"{n}: {t}" for n, t in error.failures.items())
+    if args.frontend != "auto":
+        return UsageError(f"--frontend {args.frontend} could not capture {name} ({listed}); pass --frontend auto "
+                          "to try every frontend")
+    return UsageError(f"no frontend could capture {name} ({listed}); fxeq needs its forward to run eagerly on "
+                      "the calibration images")
+
+
+# ---------------------------------------------------------------------------
+# Checks, reports and outputs
+# ---------------------------------------------------------------------------
+
+
+def _checked_paths(args: argparse.Namespace, *inputs: Path) -> Path:
+    """Refuse a bad or converted input, then an output that may not be written, before any work; return it."""
+    sources = [args.checkpoint, *inputs]
+    with bad_input():
+        if args.checkpoint.is_dir() and not is_folder(args):
+            raise IsADirectoryError(
+                f"checkpoint {args.checkpoint} is a folder without config.json, so not a Hugging Face "
+                f"save_pretrained folder ({checkpoints.describe_folder(args.checkpoint)}); expected a checkpoint "
+                "file (.pt/.pth or .safetensors) or a folder written by save_pretrained"
+            )
+        if not args.checkpoint.exists():
+            raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist; pass the path of a state_dict "
+                                    "saved as .pt/.pth (torch.save) or .safetensors, or a save_pretrained folder")
+        outputs.check_not_converted(args.checkpoint)
+        if is_folder(args):
+            return outputs.check_output_folder(args.output, source=sources, force=args.force)
+        return outputs.check_output(args.output, source=sources, force=args.force)
+
+
+def _save(args: argparse.Namespace, output: Path, model: nn.Module, state: dict[str, torch.Tensor],
+          report: dict[str, Any]) -> Path:
+    """Write the equalized model and its report as the input was: a checkpoint file, or a save_pretrained folder."""
+    model.to("cpu")
+    with bad_input(OSError):  # another run took the name after the checks; a full disk
+        if is_folder(args):
+            processor = args.checkpoint / hf.PREPROCESSOR_CONFIG
+            return outputs.save_converted_folder(functools.partial(hf.save_pretrained, model), output, report,
+                                                 force=args.force, copy=[processor] if processor.is_file() else [])
+        # Same keys and dtypes as the input: an fp16 checkpoint stays fp16.
+        converted = {k: v.to(dtype=state[k].dtype) for k, v in model.state_dict().items()}
+        return outputs.save_converted(converted, output, report, force=args.force)
+
+
+def _plot(args: argparse.Namespace, report: Report) -> None:
+    if getattr(args, "plot", None) is None:
+        return
+    with bad_input(ImportError, OSError, ValueError):
+        written = report.plot(args.plot)
+    print(f"wrote {written}")
+
+
+def _read_report(file: Path) -> Report:
+    """The report that ``fxeq apply`` replays, refusing what is not a conversion's."""
+    try:
+        report = Report.read(file)
+    except FileNotFoundError as e:
+        raise UsageError(
+            f"--report {file} does not exist; pass the report fxeq convert wrote: OUT.fxeq.json beside a converted "
+            f"checkpoint file, or the converted folder (its {FOLDER_REPORT})"
+        ) from e
+    except ValueError as e:
+        raise UsageError(f"--report {e}") from e  # the message begins with the file
+    if not report.folded:
+        raise UsageError(
+            f"--report {file} records a measurement (\"folded\": false, as fxeq inspect --json prints), not a "
+            "conversion; pass the report fxeq convert wrote, or run fxeq convert"
+        )
+    return report
+
+
+def _check_report_source(args: argparse.Namespace, recorded: Report) -> str:
+    """Refuse, without --force, a checkpoint other than the one the report was made from; return its SHA-256."""
+    digest = outputs.digest(args.checkpoint)
+    source = recorded.extra.get("checkpoint")
+    source = source if isinstance(source, dict) else {}
+    expected = source.get("sha256")
+    if expected == digest:
+        return digest
+    if expected is None:
+        problem = (f"--report {args.report} does not record the checkpoint it was made from (the reports fxeq "
+                   "convert writes do), so fxeq cannot check that its statistics were measured on "
+                   f"{args.checkpoint}")
+    else:
+        problem = (f"{args.checkpoint} is not the checkpoint the report was made from: its SHA-256 is {digest}, "
+                   f"the report's checkpoint ({source.get('path')}) had {expected}; the statistics were measured "
+                   "on other weights")
+    if not args.force:
+        raise UsageError(f"{problem}. Apply the report to its own checkpoint, or pass --force to apply it anyway "
+                         "(e.g. to the same weights saved in another format)")
+    note(f"warning: {problem}; applying it anyway (--force)")
+    return digest
+
+
+def _provenance(args: argparse.Namespace, loaded: Loaded, report: Report) -> dict[str, Any]:
+    """What the JSON report records about the run, so that it can be repeated and checked.
+
+    The output's path and SHA-256 are added by :mod:`fxeq.cli.outputs` as it writes.
+    """
+    shard = cast(BatchShard, loaded.loader.batch_sampler)
+    record: dict[str, Any] = {"command": ["fxeq", *args.argv]}
+    if args.checkpoint is not None:
+        record["checkpoint"] = {"path": str(args.checkpoint.resolve()),
+                                "sha256": outputs.digest(args.checkpoint)}
+    record["model"] = model_record(args, loaded.model)
+    record["calibration_data"] = {
+        "folder": str(args.calib.resolve()), "images": shard.images, "batches": len(shard.batches),
+        "batch_size": args.batch_size, "num_batches": args.num_batches, "device": str(loaded.device),
+        "processes": shard.world_size,
+    }
+    record["preprocessing"] = loaded.preprocessing
+    return record
+
+
+def _versions(spec: str) -> dict[str, str]:
+    """fxeq's and its dependencies' versions, and that of the package --model names (e.g. transformers)."""
+    found = versions()
+    package = spec.partition(":")[0].split(".")[0]
+    version = getattr(sys.modules.get(package), "__version__", None)
+    if isinstance(version, str):
+        found[package] = version
+    return found
+
+
+def _fusing_convs(report: Report) -> list[str]:
+    """The fusing convs of a report, sorted."""
+    return sorted({c.module or "<root>" for s in report.search.sites for c in s.convs})
+
+
+def _demo_workdir(path: Path) -> Path:
+    if path.exists() and not (path / _DEMO_MARKER).is_file() and not (path.is_dir() and not any(path.iterdir())):
+        raise UsageError(
+            f"--workdir {path} exists and was not made by fxeq demo (it has no {_DEMO_MARKER} file); pass "
+            "--workdir with a new or empty folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _DEMO_MARKER).write_text("made by fxeq demo, which may replace the files in this folder\n")
+    return path
+
+
+def _note_if_converted(args: argparse.Namespace) -> bool:
+    """Say that the checkpoint was equalized by fxeq, with its report's summary, if it was; return whether."""
+    path = args.checkpoint
+    report_file = converted_report(path)
+    if report_file is None:
+        return False
+    try:
+        report = Report.read(report_file)
+        source = report.extra.get("checkpoint", {}).get("path", "(not recorded)")
+        lines = [f"  converted from {source}"]
+        for site in report.search.sites:
+            ratio = report.disequilibrium(site)
+            lines.append(f"  site {site.name} -> {', '.join(c.module for c in site.convs)}; std max/min "
+                         f"{'-' if ratio is None else f'{ratio:.2f}'} divided out")
+    except (OSError, ValueError, AttributeError) as e:  # a report that is not fxeq's, or edited
+        lines = [f"  (the report could not be read: {type(e).__name__}: {e})"]
+    where = "in" if Path(path).is_dir() else "beside"
+    note(
+        f"{path} is a checkpoint equalized by fxeq ({report_file} lies {where} it). Its fusing convs were "
+        "rescaled; the fusion inputs measured below are not, so their std ratios are the same as before (each "
+        "site is measured on the model as it is: every upstream fold is already in its weights). The "
+        "conversion, from the report:\n" + "\n".join(lines),
+        quiet=args.quiet,
+    )
+    return True

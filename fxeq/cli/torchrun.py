@@ -1,0 +1,67 @@
+"""``torchrun`` for the command line: ranks, the process group, who writes, who speaks.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1), ``fxeq convert`` and ``fxeq inspect``
+join a process group (gloo, or nccl for CUDA), each process calibrates on its
+share of the batches, fxeq merges the statistics across processes, and rank 0
+alone writes and prints; the others wait for it at a barrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_rank_zero", "note", "process_group", "rank_zero_writes", "ranks"]
+
+
+def ranks() -> tuple[int, int]:
+    """This process's rank and the number of processes: torch.distributed's, else torchrun's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes and prints (the only one, or rank 0)."""
+    return ranks()[0] == 0
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """torch.distributed, initialized from torchrun's environment for the block, when it started several processes.
+
+    gloo on the CPU, nccl on CUDA. A process group the caller initialized is
+    used as it is.
+    """
+    if ranks()[1] < 2 or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_zero_writes() -> Iterator[bool]:
+    """Whether this process writes the output: rank 0 alone; the others wait at a barrier until it is done or failed."""
+    try:
+        yield is_rank_zero()
+    finally:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+
+def note(text: str, *, quiet: bool = False) -> None:
+    """A message on stderr, from rank 0 only under torchrun; none with ``quiet``."""
+    if is_rank_zero() and not quiet:
+        print(f"fxeq: {text}", file=sys.stderr, flush=True)

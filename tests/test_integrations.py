@@ -67,7 +67,7 @@ def test_integration_without_its_framework_names_the_extra(
     for name in hidden:
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     monkeypatch.delitem(sys.modules, module, raising=False)
-    with pytest.raises(ImportError, match=rf"{module} needs .*: pip install 'fxeq\[{extra}\]'"):
+    with pytest.raises(ImportError, match=rf"{module} needs .*: pip install -e '\.\[{extra}\]'"):
         importlib.import_module(module)
 
 
@@ -215,10 +215,10 @@ def test_hf_callback_equalizes_before_the_first_step(hf_run: SimpleNamespace) ->
 def test_hf_callback_writes_the_report(hf_run: SimpleNamespace) -> None:
     report = hf_run.callback.report
     assert [c.weight for s in report.search.sites for c in s.convs] == ["decode_head.linear_fuse.weight"]
-    written = json.loads((hf_run.out / "model.fxeq.json").read_text())
+    written = json.loads((hf_run.out / "fxeq.json").read_text())
     assert written == json.loads(json.dumps(report.to_dict()))
     assert written["trainer"] == {"framework": "transformers", "global_step": 0, "num_batches": 2, "world_size": 1}
-    beside = hf_run.out / "checkpoint-1" / "model.safetensors.fxeq.json"
+    beside = hf_run.out / "checkpoint-1" / "fxeq.json"
     assert json.loads(beside.read_text()) == written
     assert not list(hf_run.out.glob(".*.tmp"))
 
@@ -226,7 +226,7 @@ def test_hf_callback_writes_the_report(hf_run: SimpleNamespace) -> None:
 def test_hf_report_replays_the_run(hf_run: SimpleNamespace) -> None:
     fresh = _segformer(seed=0)
     _assert_same(state_of(fresh), state_of(hf_run.original))
-    apply(fresh, hf_run.out / "model.fxeq.json")
+    apply(fresh, hf_run.out / "fxeq.json")
     _assert_same(state_of(fresh), hf_run.after.state)
 
 
@@ -248,7 +248,7 @@ def test_hf_callback_leaves_a_resumed_run_alone(hf_run: SimpleNamespace, caplog:
     assert "decode_head.linear_fuse.weight" in saved
     _assert_same({k: after.state[k] for k in saved if k in after.state}, {k: saved[k] for k in saved
                                                                          if k in after.state})
-    assert json.loads((hf_run.out / "checkpoint-2" / "model.safetensors.fxeq.json").read_text())["sites"]
+    assert json.loads((hf_run.out / "checkpoint-2" / "fxeq.json").read_text())["sites"]
 
 
 def test_hf_callback_warns_when_a_resumed_run_has_no_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -257,7 +257,7 @@ def test_hf_callback_warns_when_a_resumed_run_has_no_report(tmp_path: Path, capl
     state = SimpleNamespace(global_step=5, is_world_process_zero=True)
     with caplog.at_level(logging.INFO, logger="fxeq"):
         ScaleEqualizationCallback().on_train_begin(args, state, None, model=TwoBranch(), train_dataloader=[])
-    assert f"resuming at step 5 but {tmp_path / 'model.fxeq.json'} does not exist" in caplog.text
+    assert f"resuming at step 5 but {tmp_path / 'fxeq.json'} does not exist" in caplog.text
 
 
 def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tmp_path: Path,
@@ -271,7 +271,7 @@ def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tm
     assert callback.report is None
     assert "not equalizing again: conv decode_head.linear_fuse was already equalized by fxeq" in caplog.text
     _assert_same(after.state, state)
-    assert not (tmp_path / "model.fxeq.json").exists()
+    assert not (tmp_path / "fxeq.json").exists()
 
 
 @pytest.mark.parametrize("engine, args", [
@@ -402,7 +402,7 @@ def test_lightning_training_sees_the_batches_it_would_see_without_fxeq(pl_run: S
 def test_lightning_callback_writes_the_report(pl_run: SimpleNamespace) -> None:
     report = pl_run.callback.report
     assert [c.weight for s in report.search.sites for c in s.convs] == ["net.fuse1.weight", "net.fuse2.weight"]
-    written = json.loads((pl_run.root / "model.fxeq.json").read_text())
+    written = json.loads((pl_run.root / "fxeq.json").read_text())
     assert written == json.loads(json.dumps(report.to_dict()))
     assert written["trainer"]["framework"] == "lightning" and written["calibration"]["passes"] == 2
     assert pl_run.callback.state_dict() == {"report": written}
@@ -466,7 +466,7 @@ def test_lightning_submodule(tmp_path: Path) -> None:
     callback = ScaleEqualization(submodule="net", calib_loader=batches(size=16))
     callback.on_train_start(_fake_trainer(tmp_path), module)
     assert [c.weight for s in callback.report.search.sites for c in s.convs] == ["fuse1.weight", "fuse2.weight"]
-    assert json.loads((tmp_path / "model.fxeq.json").read_text())["trainer"]["submodule"] == "net"
+    assert json.loads((tmp_path / "fxeq.json").read_text())["trainer"]["submodule"] == "net"
 
 
 def test_lightning_module_without_forward_suggests_a_submodule(tmp_path: Path) -> None:
@@ -540,8 +540,89 @@ def test_callbacks_check_their_arguments(framework: str) -> None:
     callback = getattr(module, name)
     with pytest.raises(ValueError, match="num_batches must be a whole number of at least 1, or None for all; got 0"):
         callback(num_batches=0)
-    with pytest.raises(ValueError, match=r"mode must be one of \('init', 'reparam', 'explicit'\), got 'fold'"):
+    with pytest.raises(ValueError, match="mode must be one of 'init', 'reparam', 'explicit'; got 'fold'"):
         callback(mode="fold")
-    with pytest.raises(ValueError, match="keep_norm applies to mode='init' only, got mode='reparam'"):
+    with pytest.raises(ValueError, match="keep_norm=True applies to mode='init' only, got mode='reparam'"):
         callback(mode="reparam", keep_norm=True)
     assert callback(num_batches=None).num_batches is None
+
+
+# ---------------------------------------------------------------------------
+# One convention for "equalized", and the statistics in the training logger
+# ---------------------------------------------------------------------------
+
+
+def test_an_equalized_trainer_checkpoint_is_not_converted_again(hf_run: SimpleNamespace, tmp_path: Path) -> None:
+    from cli_models import assert_fails, run_main
+
+    from fxeq.cli.images import generate_images
+
+    generate_images(tmp_path / "images", 4, size=32)
+    checkpoint = hf_run.out / "checkpoint-1"
+    result = run_main("convert", checkpoint, "--calib", tmp_path / "images", "--size", "32", "-o", tmp_path / "again")
+    assert_fails(result, 2, f"{checkpoint} was already equalized by fxeq ({checkpoint / 'fxeq.json'} lies in it)",
+                 "twice")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_model_loaded_from_an_equalized_folder_is_refused(hf_run: SimpleNamespace) -> None:
+    T = pytest.importorskip("transformers")
+    checkpoint = hf_run.out / "checkpoint-1"
+    model = T.SegformerForSemanticSegmentation.from_pretrained(checkpoint, local_files_only=True)
+    with pytest.raises(fxeq.AlreadyEqualizedError, match=rf"SegformerForSemanticSegmentation was loaded from "
+                                                         rf"{checkpoint}, which fxeq already equalized"):
+        fxeq.transform(model, [{"pixel_values": torch.randn(2, 3, 32, 32)}])
+
+
+def test_hf_callback_logs_its_statistics_like_any_logged_value(hf_run: SimpleNamespace) -> None:
+    T = pytest.importorskip("transformers")
+    ScaleEqualizationCallback = _hf_callback()
+
+    class Logs(T.TrainerCallback):
+        def __init__(self) -> None:
+            self.logs: list[dict[str, float]] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.logs.append(dict(logs or {}))
+
+    logs = Logs()  # placed before the callback, as the Trainer places its reporting integrations
+    trainer = _hf_trainer(_segformer(seed=0), hf_run.out.parent / "logged", [logs, ScaleEqualizationCallback(2)])
+    trainer.train()
+    first = logs.logs[0]
+    assert first["fxeq/decode_head.linear_fuse/std_max_over_min"] > 1
+    assert {f"fxeq/decode_head.linear_fuse/input_{k}_std" for k in range(4)} <= first.keys()
+    assert any("fxeq/decode_head.linear_fuse/std_max_over_min" in entry for entry in trainer.state.log_history)
+
+
+def test_lightning_callback_statistics_reach_a_csv_logger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pl = _lightning()
+    from lightning.pytorch.loggers import CSVLogger
+
+    ScaleEqualization = _pl_callback()
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[ScaleEqualization(num_batches=2)])
+    trainer.fit(_seg_module(), _pl_loader())
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"fxeq/net.fuse1/std_max_over_min", "fxeq/net.fuse1/input_0_std", "fxeq/net.fuse2/input_1_std"} <= set(header)
+    out = capsys.readouterr().out
+    assert "fxeq: equalized 2 fusion sites before the first optimizer step (mode init; input std max/min divided " \
+           "out: net.fuse1 " in out and f"report: {tmp_path / 'fxeq.json'}" in out
+
+
+def test_an_equalized_lightning_checkpoint_is_not_converted_again(pl_run: SimpleNamespace, tmp_path: Path) -> None:
+    from cli_models import assert_fails, run_main
+
+    from fxeq.cli.checkpoints import read_checkpoint
+    from fxeq.cli.images import generate_images
+
+    checkpoint = tmp_path / "step1.ckpt"
+    pl_run.trainer.save_checkpoint(checkpoint)
+    assert read_checkpoint(checkpoint).report is not None
+    generate_images(tmp_path / "images", 4, size=16)
+    result = run_main("convert", checkpoint, "--model", "models:Chained", "--calib", tmp_path / "images",
+                      "--size", "16", "--batch-size", "2", "-o", tmp_path / "again.pt")
+    assert_fails(result, 2, f"{checkpoint} was already equalized by fxeq: it holds the report of fxeq's "
+                 "ScaleEqualization callback")
+    assert not (tmp_path / "again.pt").exists()

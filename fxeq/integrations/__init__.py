@@ -11,9 +11,9 @@ training framework, on the trainer's own training batches::
       └── step 0 ...                         (the optimizer holds the same, rewritten parameters)
 
 * :class:`fxeq.integrations.transformers.ScaleEqualizationCallback`, for
-  ``transformers.Trainer`` (``pip install 'fxeq[hf]'``);
+  ``transformers.Trainer`` (``pip install -e '.[hf]'``);
 * :class:`fxeq.integrations.lightning.ScaleEqualization`, for
-  ``lightning.pytorch.Trainer`` (``pip install 'fxeq[lightning]'``).
+  ``lightning.pytorch.Trainer`` (``pip install -e '.[lightning]'``).
 
 Both rewrite the model's parameters in place, so the optimizer, which was
 created before, keeps its parameter objects. Under DDP every rank calibrates
@@ -30,23 +30,21 @@ modules do, when imported.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ..calibration import InputFn, check_arguments
-from ..capturing import Frontend, unwrap
+from .._model import unwrap
+from .._text import plural
+from ..batches import InputFn, check_arguments
+from ..capturing import FrontendChoice
 from ..errors import AlreadyEqualizedError
-from ..modes import MODES, Mode
+from ..modes import Mode, check_mode
 from ..pipeline import transform
 from ..report import Report
 from ..rewrite import check_not_equalized
@@ -55,8 +53,6 @@ __all__: list[str] = []
 
 _logger = logging.getLogger(__name__)
 
-REPORT_NAME = "model.fxeq.json"
-"""The report's file name in the training output folder."""
 
 
 class _FirstBatches:
@@ -88,10 +84,7 @@ class _FirstBatches:
 def _check_options(num_batches: int | None, mode: str, keep_norm: bool) -> None:
     """Refuse bad callback arguments when the callback is built, not at the start of training."""
     check_arguments(num_batches=num_batches)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if keep_norm and mode != "init":
-        raise ValueError(f"keep_norm applies to mode='init' only, got mode={mode!r}")
+    check_mode(mode, keep_norm)
 
 
 def _equalize(
@@ -103,7 +96,7 @@ def _equalize(
     input_fn: InputFn | None,
     mode: Mode,
     keep_norm: bool,
-    frontend: Frontend,
+    frontend: FrontendChoice,
     all_concats: bool,
     progress: bool | None,
 ) -> Report | None:
@@ -133,29 +126,46 @@ def _equalize(
     return report
 
 
-def _plain(report: Report) -> dict[str, Any]:
-    """The report as plain JSON types (``torch.__version__`` is a str subclass that torch.load refuses)."""
-    result: dict[str, Any] = json.loads(json.dumps(report.to_dict()))
-    return result
+def scalars(report: Report) -> dict[str, float]:
+    """The statistics a training logger shows: per fusing conv, its inputs' std ratio and each input's std.
+
+    Keys are ``fxeq/<fusing conv>/std_max_over_min`` and ``fxeq/<fusing conv>/input_<i>_std`` (the first fusing
+    conv of each site names it).
+
+    Example:
+        >>> from fxeq.observe import InputStats
+        >>> from fxeq.sites import FusingConv, Site, SiteInput, SiteSearch
+        >>> site = Site("cat", (SiteInput(0, "a", (0, 1), "a"), SiteInput(1, "b", (1, 2), "b")),
+        ...             (FusingConv("c", "head.fuse", "head.fuse.weight", None, 1, False, False),))
+        >>> stats = {("cat", 0): InputStats(0.0, 0.5, 8, 2), ("cat", 1): InputStats(0.0, 0.25, 8, 2)}
+        >>> scalars(Report(SiteSearch((site,), ()), "fx", stats))
+        {'fxeq/head.fuse/std_max_over_min': 2.0, 'fxeq/head.fuse/input_0_std': 0.5, 'fxeq/head.fuse/input_1_std': 0.25}
+    """
+    values: dict[str, float] = {}
+    for site in report.search.sites:
+        name = f"fxeq/{site.convs[0].module or 'model'}"
+        ratio = report.disequilibrium(site)
+        if ratio is not None:
+            values[f"{name}/std_max_over_min"] = ratio
+        for inp in site.inputs:
+            stat = report.stats.get((site.name, inp.index))
+            if stat is not None:
+                values[f"{name}/input_{inp.index}_std"] = stat.std
+    return values
 
 
-def _write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+def summary(report: Report, path: Path | None) -> str:
+    """One line for the training log: what was equalized, the ratios divided out, and where the report is.
+
+    Example:
+        >>> from fxeq.sites import SiteSearch
+        >>> summary(Report(SiteSearch((), ()), "fx"), None)
+        'fxeq: found no fusion site; the model is trained as it is'
+    """
+    if not report.search.sites:
+        return "fxeq: found no fusion site; the model is trained as it is"
+    ratios = ", ".join(f"{s.convs[0].module} {r:.2f}" for s in report.search.sites
+                       if (r := report.disequilibrium(s)) is not None)
+    where = f"; report: {path}" if path is not None else ""
+    return (f"fxeq: equalized {plural(len(report.search.sites), 'fusion site')} before the first optimizer step "
+            f"(mode {report.mode}; input std max/min divided out: {ratios}){where}")

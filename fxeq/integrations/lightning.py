@@ -1,4 +1,4 @@
-"""Scale equalization inside a Lightning ``Trainer.fit`` run (``pip install 'fxeq[lightning]'``).
+"""Scale equalization inside a Lightning ``Trainer.fit`` run (``pip install -e '.[lightning]'``).
 
 :class:`ScaleEqualization` equalizes the LightningModule (or one of its
 submodules) at ``on_train_start``: after the strategy has built the optimizers
@@ -36,7 +36,8 @@ Example:
     >>> trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
     ...                      enable_progress_bar=False, enable_model_summary=False,
     ...                      default_root_dir=tempfile.mkdtemp(), callbacks=[equalize])
-    >>> trainer.fit(Seg(), DataLoader(data, batch_size=4))
+    >>> trainer.fit(Seg(), DataLoader(data, batch_size=4))  # doctest: +ELLIPSIS
+    fxeq: equalized 1 fusion site before the first optimizer step (mode init; input std max/min divided out: fuse ...
     >>> [c.weight for s in equalize.report.search.sites for c in s.convs]
     ['fuse.weight']
 """
@@ -56,15 +57,16 @@ try:
 except ImportError as e:
     raise ImportError(
         "fxeq.integrations.lightning needs Lightning (lightning.pytorch); install it with: "
-        "pip install 'fxeq[lightning]'"
+        "pip install -e '.[lightning]'"
     ) from e
 
-from ..calibration import InputFn
-from ..capturing import Frontend
+from ..batches import InputFn
+from ..capturing import FrontendChoice
 from ..errors import CaptureError
 from ..modes import Mode
 from ..report import Report
-from . import REPORT_NAME, _check_options, _equalize, _plain, _write_json
+from ..report import FOLDER_REPORT, write_report
+from . import _check_options, _equalize, scalars, summary
 
 __all__ = ["ScaleEqualization"]
 
@@ -79,11 +81,15 @@ class ScaleEqualization(pl.Callback):
     At ``on_train_start`` the callback runs ``fxeq.transform(module, batches,
     inplace=True)`` on the first ``num_batches`` batches of
     ``trainer.train_dataloader``. The rewrite is in place, so the optimizers
-    the strategy already built hold the equalized parameters. The report is
-    logged (logger ``fxeq.integrations``, level INFO), kept at :attr:`report`,
-    stored in every checkpoint (the callback's state) and written atomically
-    by global rank 0 to ``model.fxeq.json`` in the checkpoint folder (the
+    the strategy already built hold the equalized parameters. Global rank 0
+    prints one summary line. The report is kept at :attr:`report`, stored in
+    every checkpoint (the callback's state, which ``fxeq convert`` reads to
+    refuse equalizing such a checkpoint again) and written atomically by
+    global rank 0 to ``fxeq.json`` in the checkpoint folder (the
     ``ModelCheckpoint``'s ``dirpath``, else ``trainer.default_root_dir``).
+    Each site's input std ratio and input stds go to every logger of the
+    trainer (``logger.log_metrics``, at step 0: CSV, TensorBoard, W&B...), as
+    ``fxeq/<fusing conv>/std_max_over_min`` and ``.../input_<i>_std``.
 
     Nothing is done when training resumes from a checkpoint (global step
     above 0, or a checkpoint holding this callback's report) or when fxeq
@@ -108,7 +114,7 @@ class ScaleEqualization(pl.Callback):
         all_concats: also equalize concatenations without upsampled inputs.
             Default: False.
         report_path: where to write the JSON report. Default: None
-            (``model.fxeq.json`` in the checkpoint folder).
+            (``fxeq.json`` in the checkpoint folder).
 
     Attributes:
         report: the :class:`~fxeq.report.Report` of this run, or None when
@@ -129,7 +135,7 @@ class ScaleEqualization(pl.Callback):
         submodule: str | None = None,
         mode: Mode = "init",
         keep_norm: bool = False,
-        frontend: Frontend = "auto",
+        frontend: FrontendChoice = "auto",
         all_concats: bool = False,
         report_path: str | Path | None = None,
     ) -> None:
@@ -140,7 +146,7 @@ class ScaleEqualization(pl.Callback):
         self.submodule = submodule
         self.mode: Mode = mode
         self.keep_norm = keep_norm
-        self.frontend: Frontend = frontend
+        self.frontend: FrontendChoice = frontend
         self.all_concats = all_concats
         self.report_path = report_path
         self.report: Report | None = None
@@ -173,7 +179,8 @@ class ScaleEqualization(pl.Callback):
             raise CaptureError(
                 f"{e}\nScaleEqualization captures {type(pl_module).__name__}.forward on a training batch. If the "
                 "segmentation network is a submodule whose forward differs, pass its name: "
-                "ScaleEqualization(submodule='net'); to map batches to its input, pass input_fn."
+                "ScaleEqualization(submodule='net'); to map batches to its input, pass input_fn.",
+                stage=e.stage, failures=e.failures,
             ) from e
         if report is None:
             return
@@ -182,15 +189,18 @@ class ScaleEqualization(pl.Callback):
             "framework": "lightning", "global_step": trainer.global_step, "num_batches": self.num_batches,
             "world_size": trainer.world_size, "submodule": self.submodule,
         }
-        self._saved = _plain(report)
+        self._saved = report.to_dict()
+        values = scalars(report)
+        for logger in getattr(trainer, "loggers", ()):  # CSV, TensorBoard, W&B...: rank zero only, by Lightning's rule
+            logger.log_metrics(values, step=trainer.global_step)
         if trainer.is_global_zero:
             path = self._report_file(trainer)
             if path is None:
                 _logger.warning("fxeq: the checkpoint folder is not a local path; the report is kept in the "
                                 "checkpoints only (callback state %r)", self.state_key)
             else:
-                _write_json(self._saved, path)
-                _logger.info("fxeq: wrote %s", path)
+                write_report(self._saved, path)
+            print(summary(report, path), flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The report, saved in every checkpoint (so that a resumed run is not equalized again)."""
@@ -221,7 +231,7 @@ class ScaleEqualization(pl.Callback):
         if self.report_path is not None:
             return Path(self.report_path)
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        return None if "://" in str(folder) else Path(folder) / REPORT_NAME
+        return None if "://" in str(folder) else Path(folder) / FOLDER_REPORT
 
 
 def _train_loader(trainer: pl.Trainer) -> Iterable[Any]:

@@ -1,4 +1,4 @@
-"""Scale equalization inside a Hugging Face ``Trainer`` run (``pip install 'fxeq[hf]'``).
+"""Scale equalization inside a Hugging Face ``Trainer`` run (``pip install -e '.[hf]'``).
 
 :class:`ScaleEqualizationCallback` equalizes the model at ``on_train_begin``:
 after the Trainer has built the optimizer and wrapped the model (DDP), before
@@ -26,6 +26,8 @@ Example:
     ...                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
     >>> equalize = ScaleEqualizationCallback(num_batches=2)
     >>> _ = Trainer(model=Net(), args=args, train_dataset=data, callbacks=[equalize]).train()  # doctest: +ELLIPSIS
+    {'fxeq/fuse/std_max_over_min': ..., 'fxeq/fuse/input_0_std': ..., 'fxeq/fuse/input_1_std': ...}
+    fxeq: equalized 1 fusion site before the first optimizer step (mode init; input std max/min divided out: fuse ...
     {'train_runtime': ...}
     >>> [c.weight for s in equalize.report.search.sites for c in s.convs]
     ['fuse.weight']
@@ -34,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import Iterable
@@ -44,25 +47,24 @@ from torch import nn
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler
 except ImportError as e:
     raise ImportError(
         "fxeq.integrations.transformers needs Hugging Face transformers (and accelerate, for its Trainer); "
-        "install them with: pip install 'fxeq[hf]'"
+        "install them with: pip install -e '.[hf]'"
     ) from e
 
-from ..calibration import InputFn
-from ..capturing import Frontend
+from ..batches import InputFn
+from ..capturing import FrontendChoice
 from ..modes import Mode
 from ..report import Report
-from . import REPORT_NAME, _check_options, _equalize, _plain, _write_json
+from ..report import FOLDER_REPORT, converted_report, write_report
+from . import _check_options, _equalize, scalars, summary
 
 __all__ = ["ScaleEqualizationCallback"]
 
 _logger = logging.getLogger(__name__)
 
-# Weight files the Trainer writes into a checkpoint folder; the report goes beside each as
-# "<file>.fxeq.json", where `fxeq convert` looks before refusing to convert a checkpoint twice.
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class ScaleEqualizationCallback(TrainerCallback):
@@ -71,11 +73,15 @@ class ScaleEqualizationCallback(TrainerCallback):
     At ``on_train_begin`` the callback runs ``fxeq.transform(model, batches,
     inplace=True)`` on the first ``num_batches`` batches of the Trainer's train
     dataloader. The rewrite is in place, so the optimizer the Trainer already
-    built holds the equalized parameters. The report is logged (logger
-    ``fxeq.integrations``, level INFO), kept at :attr:`report`, and written
-    atomically to ``<output_dir>/model.fxeq.json`` by the main process; every
-    checkpoint saved afterwards gets a copy beside its weights
-    (``checkpoint-N/model.safetensors.fxeq.json``).
+    built holds the equalized parameters. The main process prints one summary
+    line, and the report is kept at :attr:`report` and written atomically to
+    ``<output_dir>/fxeq.json``; every checkpoint saved afterwards gets a copy
+    (``checkpoint-N/fxeq.json``), which marks it as equalized: ``fxeq
+    convert``, ``fxeq.transform`` on a model loaded from it and this callback
+    then refuse to equalize it again. Each site's input std ratio and input stds
+    go to the Trainer's log (``fxeq/<fusing conv>/...``, at step 0) like any
+    logged value: TensorBoard, W&B and the other reporting integrations show
+    them, and ``trainer_state.json`` keeps them.
 
     Nothing is done when training resumes from a checkpoint (its weights were
     equalized, if at all, before step 0 of the original run) or when fxeq
@@ -93,11 +99,11 @@ class ScaleEqualizationCallback(TrainerCallback):
             :mod:`fxeq.modes`. Default: ``"init"``.
         keep_norm: with ``"init"``, keep per-output-channel weight norms where
             a batch norm follows. Default: False.
-        frontend: ``"auto"``, ``"fx"`` or ``"export"``. Default: ``"auto"``.
+        frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"``. Default: ``"auto"``.
         all_concats: also equalize concatenations without upsampled inputs.
             Default: False.
         report_name: the report's file name in ``args.output_dir``.
-            Default: ``"model.fxeq.json"``.
+            Default: ``"fxeq.json"``.
 
     Attributes:
         report: the :class:`~fxeq.report.Report` of this run, or None when
@@ -116,9 +122,9 @@ class ScaleEqualizationCallback(TrainerCallback):
         input_fn: InputFn | None = None,
         mode: Mode = "init",
         keep_norm: bool = False,
-        frontend: Frontend = "auto",
+        frontend: FrontendChoice = "auto",
         all_concats: bool = False,
-        report_name: str = REPORT_NAME,
+        report_name: str = FOLDER_REPORT,
     ) -> None:
         _check_options(num_batches, mode, keep_norm)
         self.num_batches = num_batches
@@ -126,7 +132,7 @@ class ScaleEqualizationCallback(TrainerCallback):
         self.input_fn = input_fn
         self.mode: Mode = mode
         self.keep_norm = keep_norm
-        self.frontend: Frontend = frontend
+        self.frontend: FrontendChoice = frontend
         self.all_concats = all_concats
         self.report_name = report_name
         self.report: Report | None = None
@@ -154,16 +160,18 @@ class ScaleEqualizationCallback(TrainerCallback):
                 "it to every callback event. Pass the batches yourself: "
                 "ScaleEqualizationCallback(calib_loader=trainer.get_train_dataloader())."
             )
-        path = Path(args.output_dir or ".") / self.report_name
+        output_dir = Path(args.output_dir or ".")
+        path = output_dir / self.report_name
         report = _equalize(
             model, loader, resumed_at=state.global_step, num_batches=self.num_batches, input_fn=self.input_fn,
             mode=self.mode, keep_norm=self.keep_norm, frontend=self.frontend, all_concats=self.all_concats,
             progress=None if state.is_world_process_zero and not args.disable_tqdm else False,
         )
         if report is None:
-            if state.global_step > 0 and path.exists():
+            earlier = path if path.exists() else converted_report(output_dir) if output_dir.is_dir() else None
+            if state.global_step > 0 and earlier is not None:
                 with contextlib.suppress(OSError, ValueError):  # then checkpoints get no copy, training goes on
-                    self._saved = json.loads(path.read_text())
+                    self._saved = json.loads(earlier.read_text())
             elif state.global_step > 0 and state.is_world_process_zero:
                 _logger.warning(
                     "fxeq: resuming at step %d but %s does not exist: the run being resumed may not have been "
@@ -175,19 +183,45 @@ class ScaleEqualizationCallback(TrainerCallback):
             "framework": "transformers", "global_step": state.global_step, "num_batches": self.num_batches,
             "world_size": args.world_size,
         }
-        self._saved = _plain(report)
+        self._saved = report.to_dict()
+        values = scalars(report)
+        state.log_history.append({**values, "step": state.global_step})  # trainer_state.json keeps them
+        _dispatch_log(args, state, values)
         if state.is_world_process_zero:
-            _write_json(self._saved, path)
-            _logger.info("fxeq: wrote %s", path)
+            write_report(self._saved, path)
+            print(summary(report, path), flush=True)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Nothing: the scalars were logged at on_train_begin (this callback's own on_log event included)."""
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Put the report beside the weights of the checkpoint just saved."""
+        """Put the report into the checkpoint folder just saved (as ``fxeq.json``, which marks it as equalized)."""
         if self._saved is None or not state.is_world_process_zero:
             return
         folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
-        for name in _WEIGHT_FILES:
-            if (folder / name).exists():
-                _write_json(self._saved, folder / f"{name}.fxeq.json")
+        if folder.is_dir():
+            write_report(self._saved, folder / FOLDER_REPORT)
+
+
+def _dispatch_log(args: TrainingArguments, state: TrainerState, values: dict[str, float]) -> None:
+    """Send ``values`` to every callback's ``on_log``, as ``Trainer.log`` does: TensorBoard, W&B, MLflow... see them.
+
+    A callback gets no reference to its Trainer, so the Trainer's callback
+    handler is found on the call stack (it is calling this callback's
+    ``on_train_begin``). Without one (the callback called by hand), the values
+    are only in ``state.log_history``.
+    """
+    frame = inspect.currentframe()
+    handler = None
+    while frame is not None and handler is None:
+        candidate = frame.f_locals.get("self")
+        handler = candidate if isinstance(candidate, CallbackHandler) else None
+        frame = frame.f_back
+    del frame
+    if handler is None:
+        _logger.info("fxeq: no Trainer callback handler found; the statistics are in state.log_history only")
+        return
+    handler.on_log(args, state, TrainerControl(), logs=dict(values))
 
 
 def _refuse_sharded_training(args: TrainingArguments) -> None:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from fxeq.report import Report, versions
+from fxeq._version import versions
+from fxeq.report import Report
 from fxeq.sites import Site
 
 __all__ = [

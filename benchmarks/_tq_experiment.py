@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxeq
-from fxeq.checkpoint import load_state_dict
+from fxeq.cli.checkpoints import load_state_dict
 from fxeq.modes import Mode
 from fxeq.report import Report
 

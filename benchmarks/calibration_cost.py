@@ -59,7 +59,7 @@ from torch import nn
 
 import fxeq
 import fxeq.calibration
-from fxeq.calibration import calibration_mode
+from fxeq._model import calibration_mode
 from fxeq.observe import SiteObservers
 
 from _common import (

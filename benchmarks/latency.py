@@ -6,16 +6,16 @@ benchmark checks that claim with a clock, next to the two alternatives that
 add work at run time. Per model it times four variants:
 
 * ``original``: the model as built, eager.
-* ``fxeq``: for inference, the GraphModule that ``fxeq.transform`` returns.
-  For the training step, the model rewritten by
-  ``fxeq.transform(copy, batches, inplace=True)``: the returned GraphModule is
-  captured in eval mode (torch.export bakes eval-mode batch norm into the
-  graph), so it cannot train, whereas the in-place rewrite keeps the user's own
-  class, which trains like the original. Both share the folded parameters.
+* ``fxeq``: for inference, the GraphModule that ``fxeq.convert`` returns.
+  For the training step, the private copy of the model it was captured from
+  (``Prepared.model``), which convert rewrote too: the GraphModule is captured
+  in eval mode (torch.export bakes eval-mode batch norm into the graph), so it
+  cannot train, whereas the copy keeps the user's own class, which trains like
+  the original. Both share the folded parameters.
 * ``explicit``: the paper's literal module, ``(x - mu_i) / sigma_i`` on each
   concatenation input: ``fxeq.transform(..., mode="explicit")``, timed like
   ``fxeq`` (its GraphModule, with the constant nodes before each fusing conv,
-  for inference; the in-place model, with a forward pre-hook on each fusing
+  for inference; the rewritten copy, with a forward pre-hook on each fusing
   conv, for training).
 * ``batchnorm``: the alternative the paper rejects, a batch norm after every
   upsampled input (:class:`UpsampledBatchNorm`, a forward pre-hook on each
@@ -192,9 +192,14 @@ def bench_model(name: str, args: argparse.Namespace, devices: Sequence[torch.dev
     """Build the four variants of one model, check the graph, time them on each device."""
     model = build_model(name, seed=args.seed)
     batches = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1)
-    fxeq_model, explicit_model = copy.deepcopy(model), copy.deepcopy(model)
-    deployed = fxeq.transform(fxeq_model, batches, inplace=True)
-    explicit = fxeq.transform(explicit_model, batches, inplace=True, mode="explicit")
+    # The deployable graph (inference) and the private copy of the model it was captured from, which convert
+    # rewrote too, in the model's own class (training): both share the folded parameters.
+    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0]), batches, progress=False)
+    deployed = fxeq.convert(prepared)
+    fxeq_model = prepared.model
+    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0]), batches, progress=False)
+    explicit = fxeq.convert(prepared, mode="explicit")
+    explicit_model = prepared.model
     report: Report = deployed.fxeq_report
     reference = fxeq.capture(model, (batches[0],), frontend=report.frontend).module  # type: ignore[arg-type]
     same_graph = _node_sequence(reference) == _node_sequence(deployed)

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxeq
-from fxeq.calibration import InputStats, calibration_mode
+from fxeq._model import calibration_mode
+from fxeq.observe import InputStats
 from fxeq.observe import SiteObservers
 from fxeq.report import Report
 from fxeq.sites import Site

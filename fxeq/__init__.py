@@ -7,16 +7,25 @@ its calibration mean and std (Kim & Kim, TMLR 2024) and folds that into the
 fusing conv's weights: the deployed graph is the original one.
 
 The package layout is the pipeline: :mod:`fxeq.capturing` → :mod:`fxeq.sites`
-(find) → :mod:`fxeq.observe` → :mod:`fxeq.calibration` → :mod:`fxeq.rewrite`,
-with :mod:`fxeq.modes` for the training semantics (init / reparam /
-explicit), :mod:`fxeq.report` describing the outcome, :mod:`fxeq.pipeline`
-running it all, and :mod:`fxeq.replay` applying a saved report again.
+(find) → :mod:`fxeq.observe` (with :mod:`fxeq.batches`) → :mod:`fxeq.calibration`
+→ :mod:`fxeq.rewrite` (with :mod:`fxeq.fold`, the arithmetic, and
+:mod:`fxeq.modes`, the training semantics: init / reparam / explicit), and
+:mod:`fxeq.report` describing the outcome (:mod:`fxeq.plot` draws it).
+:mod:`fxeq.pipeline` runs it all, :mod:`fxeq.replay` applies a saved report
+again, :mod:`fxeq.integrations` equalizes inside training frameworks and
+:mod:`fxeq.cli` is the command line. Helpers every stage uses sit in leaf
+modules: ``_model`` (model state and inputs) and :mod:`fxeq.files` (atomic writes).
 
 Example:
-    >>> import torch, torchvision, fxeq
-    >>> net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
-    ...     weights=None, weights_backbone=None)
-    >>> deployed = fxeq.transform(net, [torch.randn(2, 3, 64, 64)])
+    >>> import torch, torch.nn.functional as F, fxeq
+    >>> class Fuse(torch.nn.Module):  # two branches, one upsampled, fused by a conv
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    ...         self.fuse = torch.nn.Conv2d(8, 2, 3, padding=1)
+    ...     def forward(self, x):
+    ...         return self.fuse(torch.cat([self.a(x), F.interpolate(self.b(F.avg_pool2d(x, 4)), scale_factor=4.0)], 1))
+    >>> deployed = fxeq.transform(Fuse(), [torch.randn(2, 3, 16, 16)])
     >>> len(deployed.fxeq_report.search.sites)
     1
 """

@@ -513,17 +513,6 @@ class SiteSearch:
         """The site whose concatenation node is ``name``."""
         return self._by_name[name]
 
-    def upstream_of(self, name: str) -> tuple[Site, ...]:
-        """The sites that site ``name`` depends on, in graph order.
-
-        Example:
-            >>> a = Site("cat", (), ())
-            >>> b = Site("cat_1", (), (), depends_on=("cat",))
-            >>> [s.name for s in SiteSearch((a, b), ()).upstream_of("cat_1")]
-            ['cat']
-        """
-        return tuple(self._by_name[d] for d in self._by_name[name].depends_on)
-
     def generations(self) -> list[tuple[Site, ...]]:
         """Sites grouped so that each group depends only on earlier groups.
 

@@ -251,22 +251,28 @@ def explicit_equalizer(
     return handles
 
 
-def oracle_from_report(model: nn.Module, report, *, with_mean: bool | None = None) -> list:
-    """Attach the explicit equalizer with the report's statistics to ``model``.
+def explicit_oracle(model: nn.Module, report, data: list, *, with_mean: bool | None = None, forward=None) -> list:
+    """Attach the explicit equalizer to ``model``, measuring every statistic itself: no number from fxeq.
 
-    ``with_mean=None`` subtracts the mean only before convs with a bias, which
-    is what the fold can express without adding parameters.
+    Only the report's structure is used (which convs fuse which channel slices). Sites are taken in graph
+    order; each is measured with :func:`reference_stats` (float64 hooks, batch norms with batch statistics)
+    with the equalizers of the sites before it attached, so chained sites are measured one at a time, then
+    gets its own ``(x - mu) / sigma`` pre-hook. ``with_mean=None`` subtracts the mean only before convs with
+    a bias, which is what the fold can express without adding parameters.
+
+    Returns:
+        The hook handles (remove them to undo).
     """
-    convs = {}
+    handles = []
     for site in report.search.sites:
+        slices = [inp.channels for inp in site.inputs]
+        stats = reference_stats(model, site.convs[0].module, data, slices, forward=forward)
         for conv in site.convs:
             subtract = conv.bias is not None if with_mean is None else with_mean
-            convs[conv.module] = [
-                (inp.channels, report.stats[site.name, inp.index].mean if subtract else 0.0,
-                 report.stats[site.name, inp.index].std)
-                for inp in site.inputs
-            ]
-    return explicit_equalizer(model, convs)
+            handles += explicit_equalizer(model, {conv.module: [
+                (channels, mean if subtract else 0.0, std) for channels, (mean, std) in zip(slices, stats, strict=True)
+            ]})
+    return handles
 
 
 def reference_stats(model: nn.Module, conv: str, data: list,

@@ -1,4 +1,4 @@
-"""ScaleObserver and the calibration graph: statistics against float64, BN semantics, no side effects."""
+"""ScaleObserver and channel_moments: statistics against float64, chunked reductions, the merge across ranks."""
 
 from __future__ import annotations
 

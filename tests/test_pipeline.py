@@ -18,7 +18,7 @@ from models import (
     Untraceable,
     batches,
     explicit_equalizer,
-    oracle_from_report,
+    explicit_oracle,
     reference_stats,
     same_state,
     state_of,
@@ -46,7 +46,7 @@ def test_transform_matches_the_explicit_equalizer_at_1x1(frontend: str) -> None:
     got_stats = [(report.stats["cat", k].mean, report.stats["cat", k].std) for k in (0, 1)]
     torch.testing.assert_close(got_stats, expected_stats, rtol=1e-5, atol=1e-6)
 
-    oracle_from_report(model, report)
+    explicit_oracle(model, report, data)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
@@ -55,7 +55,7 @@ def test_transform_matches_the_explicit_equalizer_at_1x1(frontend: str) -> None:
 def test_padded_conv_matches_the_oracle_in_the_interior() -> None:
     model, data = TwoBranch(kernel=3), batches()
     deployed = fxeq.transform(model, data)
-    oracle_from_report(model, deployed.fxeq_report)
+    explicit_oracle(model, deployed.fxeq_report, data)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         got, expected = deployed(x), model(x)
@@ -118,11 +118,11 @@ def test_chained_sites_equal_sequential_equalization() -> None:
 
 
 def test_same_tensor_twice() -> None:
-    model = CatTwice()
-    deployed = fxeq.transform(model, batches())
+    model, data = CatTwice(), batches()
+    deployed = fxeq.transform(model, data)
     stats = deployed.fxeq_report.stats
     assert stats["cat", 2].std == pytest.approx(3 * stats["cat", 0].std, rel=1e-6)
-    oracle_from_report(model, deployed.fxeq_report)
+    explicit_oracle(model, deployed.fxeq_report, data)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
@@ -169,8 +169,9 @@ def test_property_transform_equals_explicit(widths, kernel, groups, bias, mode) 
     ca, cb = widths
     g = ca + cb if groups == "depthwise" else 1
     model = TwoBranch(ca, cb, out=(ca + cb) * (2 if g > 1 else 1), kernel=kernel, groups=g, bias=bias, mode=mode)
-    deployed = fxeq.transform(model, batches(2))
-    oracle_from_report(model, deployed.fxeq_report, with_mean=bias)
+    data = batches(2)
+    deployed = fxeq.transform(model, data)
+    explicit_oracle(model, deployed.fxeq_report, data, with_mean=bias)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         got, expected = deployed(x), model(x)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from models import BNFuse, BNHead, CatTwice, Chained, ChainedBN, NoSite, TwoBranch, batches, state_of
+from models import BNFuse, BNHead, CatTwice, Chained, ChainedBN, NoSite, TwoBranch, batches, reference_fold, state_of
 from torch import nn
 
 import fxeq
@@ -82,6 +82,16 @@ def test_apply_equals_transform_bitwise(factory: Callable[[], nn.Module]) -> Non
     _assert_same_state(twin, state_of(model))
     convs = [c for s in report.search.sites for c in s.convs]
     assert any(not torch.equal(twin.get_parameter(c.weight), original[c.weight]) for c in convs)
+    # and what an independent fold (loops, float64, no fxeq code) makes of the report's statistics
+    reference = factory()
+    reference.load_state_dict(original)
+    for site in report.search.sites:
+        stats = [(report.stats[site.name, i.index].mean, report.stats[site.name, i.index].std) for i in site.inputs]
+        for conv in site.convs:
+            reference_fold(reference, conv.module, [i.channels for i in site.inputs], stats)
+    low = next(twin.parameters()).dtype == torch.bfloat16
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[name], value, rtol=1e-2 if low else 1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("form", ["dict", "json-str", "json-path"])

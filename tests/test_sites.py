@@ -164,7 +164,7 @@ def test_normalization_does_not_break_the_dependency(frontend: str) -> None:
     first, second = found.sites
     assert [s.depends_on for s in found.sites] == [(), (first.name,)]
     assert [[s.name for s in g] for g in found.generations()] == [[first.name], [second.name]]
-    assert found.upstream_of(second.name) == (first,)
+    assert second.depends_on == (first.name,)
 
 
 @given(widths=st.lists(st.integers(0, 4), min_size=2, max_size=5), groups=st.sampled_from([1, 0]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from models import oracle_from_report
+from models import explicit_oracle
 from torch import nn
 
 import fxeq
@@ -63,7 +63,7 @@ def test_zoo_model(build, frontend: str) -> None:
     x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         plain = model(x)
-        oracle_from_report(model, report)
+        explicit_oracle(model, report, data)
         expected, got = model(x), deployed(x)
     if isinstance(expected, dict):
         plain, expected, got = plain["out"], expected["out"], got["out"]

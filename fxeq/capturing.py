@@ -314,16 +314,18 @@ def _at_least_two(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[tuple[int, str, int]]]:
-    """While a concrete trace runs: (nodes recorded so far, module path, +1 entering / -1 leaving) per forward."""
+def _module_stack(model: nn.Module) -> Iterator[list[tuple[int, str, str, int]]]:
+    """While a concrete trace runs, per forward: (nodes recorded so far, module path, module class, +1 entering
+    / -1 leaving)."""
     paths = {id(m): name for name, m in model.named_modules()}
-    events: list[tuple[int, str, int]] = []
+    events: list[tuple[int, str, str, int]] = []
 
     def record(step: int) -> Callable[..., None]:
         def hook(module: nn.Module, *rest: Any) -> None:
             mode = get_proxy_mode()
             if mode is not None and id(module) in paths:
-                events.append((len(mode.tracer.graph.nodes), paths[id(module)], step))
+                kind = f"{type(module).__module__}.{type(module).__qualname__}"
+                events.append((len(mode.tracer.graph.nodes), paths[id(module)], kind, step))
         return hook
 
     handles = [nn.modules.module.register_module_forward_pre_hook(record(1)),
@@ -335,20 +337,21 @@ def _module_stack(model: nn.Module) -> Iterator[list[tuple[int, str, int]]]:
             handle.remove()
 
 
-def _attribute_modules(graph: torch.fx.Graph, events: list[tuple[int, str, int]]) -> None:
-    """Give each node the ``nn_module_stack`` export would: the modules running when it was recorded."""
-    stack: list[str] = []
+def _attribute_modules(graph: torch.fx.Graph, events: list[tuple[int, str, str, int]]) -> None:
+    """Give each node the ``nn_module_stack`` export would: the modules running when it was recorded,
+    as ``{path: (path, class)}``."""
+    stack: list[tuple[str, str]] = []
     pending = iter(events)
     event = next(pending, None)
     for index, node in enumerate(graph.nodes):
         while event is not None and event[0] <= index:
-            if event[2] > 0:
-                stack.append(event[1])
+            if event[3] > 0:
+                stack.append((event[1], event[2]))
             elif stack:
                 stack.pop()
             event = next(pending, None)
         if node.op == "call_function" and stack:
-            node.meta["nn_module_stack"] = {path: (path, "") for path in stack if path}
+            node.meta["nn_module_stack"] = {path: (path, kind) for path, kind in stack if path}
 
 
 class _ShapeGuard(nn.Module):

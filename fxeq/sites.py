@@ -120,7 +120,8 @@ _FUNCTIONS: dict[object, str] = {
     F.relu: _ELEMENTWISE, F.relu6: _ELEMENTWISE, F.gelu: _ELEMENTWISE, F.silu: _ELEMENTWISE,
     F.leaky_relu: _ELEMENTWISE, F.hardswish: _ELEMENTWISE, F.hardsigmoid: _ELEMENTWISE,
     F.hardtanh: _ELEMENTWISE, F.elu: _ELEMENTWISE, F.selu: _ELEMENTWISE, F.mish: _ELEMENTWISE,
-    F.softplus: _ELEMENTWISE, F.sigmoid: _ELEMENTWISE, F.tanh: _ELEMENTWISE,
+    F.softplus: _ELEMENTWISE, F.sigmoid: _ELEMENTWISE, F.tanh: _ELEMENTWISE, F.prelu: _ELEMENTWISE,
+    torch.prelu: _ELEMENTWISE,
     F.relu_: _ELEMENTWISE, F.leaky_relu_: _ELEMENTWISE, F.hardtanh_: _ELEMENTWISE, F.elu_: _ELEMENTWISE,
     F.selu_: _ELEMENTWISE,
     torch.relu: _ELEMENTWISE, torch.sigmoid: _ELEMENTWISE, torch.tanh: _ELEMENTWISE,
@@ -143,7 +144,7 @@ _MODULES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.GELU, _ELEMENTWISE), (nn.SiLU, _ELEMENTWISE), (nn.Hardswish, _ELEMENTWISE),
     (nn.Hardsigmoid, _ELEMENTWISE), (nn.Hardtanh, _ELEMENTWISE), (nn.Sigmoid, _ELEMENTWISE),
     (nn.Tanh, _ELEMENTWISE), (nn.ELU, _ELEMENTWISE), (nn.SELU, _ELEMENTWISE),
-    (nn.CELU, _ELEMENTWISE), (nn.Mish, _ELEMENTWISE), (nn.Softplus, _ELEMENTWISE),
+    (nn.CELU, _ELEMENTWISE), (nn.Mish, _ELEMENTWISE), (nn.Softplus, _ELEMENTWISE), (nn.PReLU, _ELEMENTWISE),
 )
 
 # Tensor methods; in-place variants (relu_, mul_) are looked up without their underscore.
@@ -187,7 +188,7 @@ _ATEN: dict[str, str] = {
     ), _LAYOUT),
     **dict.fromkeys((
         "relu", "relu6", "gelu", "silu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh",
-        "sigmoid", "tanh", "elu", "selu", "celu", "mish", "softplus",
+        "sigmoid", "tanh", "elu", "selu", "celu", "mish", "softplus", "prelu", "_prelu_kernel",
     ), _ELEMENTWISE),
     **dict.fromkeys(("add", "sub", "div"), _SCALAR),
     "mul": _PRODUCT,
@@ -288,6 +289,10 @@ def _category(gm: fx.GraphModule, node: fx.Node) -> str | None:
         category = next((c for cls, c in _MODULES if isinstance(module, cls)), None)
     elif node.op == "call_method":
         category = _lookup(_METHODS, str(node.target))
+    elif node.op == "call_function" and node.target is operator.getitem:
+        values = _arg(node, 0)  # the output of a norm that returns (output, mean, rstd), as concrete traces hold
+        category = _IDENTITY if _arg(node, 1) == 0 and isinstance(values, fx.Node) and _is_norm(gm, values) \
+            else None
     elif node.op == "call_function":
         aten = _aten_name(node.target)
         category = _lookup(_ATEN, aten) if aten is not None else _FUNCTIONS.get(node.target)
@@ -487,10 +492,23 @@ class Site:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A concatenation that is not a site, and why."""
+    """A concatenation that is not a site, and why.
+
+    Attributes:
+        node: name of the concatenation node.
+        reason: why it is not a site.
+        fix: what would make it one, where an argument can (e.g. ``"pass
+            all_concats=True to equalize it"``), else ``""``.
+    """
 
     node: str
     reason: str
+    fix: str = ""
+
+    @property
+    def text(self) -> str:
+        """The reason and the fix, in one sentence."""
+        return f"{self.reason}; {self.fix}" if self.fix else self.reason
 
 
 @dataclass(frozen=True)
@@ -624,6 +642,7 @@ def batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> str | None:
 # ---------------------------------------------------------------------------
 
 _TOKENS = "not a channel concatenation (a 3-D [batch, tokens, channels] tensor)"
+_ALL_CONCATS = "pass all_concats=True to equalize it"
 _ConcatKind = Literal["channels", "tokens", "other", "unknown"]
 
 
@@ -692,14 +711,17 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Modul
     return SiteSearch(tuple(_with_dependencies(gm, sites)), tuple(skipped))
 
 
-def is_conv_module(module: object) -> bool:
-    """Whether ``module`` is a torch conv module (Conv1d/2d/3d or a transposed one).
+def is_conv_module(module: object, *, transposed: bool | None = None) -> bool:
+    """Whether ``module`` is a torch conv module (Conv1d/2d/3d or a transposed one; only one kind if asked).
 
     Example:
         >>> is_conv_module(nn.ConvTranspose3d(1, 1, 2)), is_conv_module(nn.Linear(1, 1))
         (True, False)
+        >>> is_conv_module(nn.ConvTranspose3d(1, 1, 2), transposed=False)
+        False
     """
-    return isinstance(module, nn.modules.conv._ConvNd)
+    form = next((v for k, v in _CONVS.items() if isinstance(k, type) and isinstance(module, k)), None)
+    return form is not None and (transposed is None or form.transposed == transposed)
 
 
 def observation_point(model: nn.Module, site: Site) -> nn.Module | str:
@@ -812,10 +834,8 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
     if not all_concats and not any(i.upsample for i in inputs):
         if learned_by:
             return Skipped(cat.name, f"its upsampled input comes from {learned_by[0]} (learned upsampling, not "
-                           "interpolation, so not a site by the paper's definition); pass all_concats=True to "
-                           "equalize it")
-        return Skipped(cat.name, "no input comes from an upsampling op; pass all_concats=True "
-                       "to include concatenations of same-resolution features")
+                           "interpolation: not a site by the paper's definition)", _ALL_CONCATS)
+        return Skipped(cat.name, "no input comes from an upsampling op (same-resolution features)", _ALL_CONCATS)
     fusing: list[FusingConv] = []
     for conv in convs:
         found = _fusing_conv(gm, conv, start, shared)
@@ -875,17 +895,38 @@ def _learned_upsampler(gm: fx.GraphModule, node: fx.Node) -> str | None:
     while source is not None:
         category = _category(gm, source)
         if category == _TCONV:
-            return f"a transposed conv ({describe(gm, source)})"
+            return _named(gm, source, "a transposed conv")
         if category == _SHUFFLE:
-            return f"a pixel shuffle ({describe(gm, source)})"
+            return _named(gm, source, "a pixel shuffle")
         if category == _CONV:
             smaller = size is not None and (own := _spatial(source)) is not None and own < size
-            return f"a conv and a reshape that enlarges its map, a pixel shuffle ({describe(gm, source)})" \
+            return _named(gm, source, "a conv") + " and a reshape that enlarges its map (a pixel shuffle)" \
                 if smaller else None
         if category not in _TO_LEARNED:
             return None
         source = _source(gm, source)
     return None
+
+
+def _named(gm: fx.GraphModule, node: fx.Node, kind: str) -> str:
+    """``node``'s op named by its module class and path (``a ConvTranspose3d at up.0``), else by ``kind``."""
+    module_class, path = _module_of(gm, node)
+    if module_class is not None:
+        return f"a {module_class}" + (f" at {path}" if path else "")
+    return f"{kind} ({describe(gm, node)})"
+
+
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str]:
+    """The class name and path of the module whose forward ``node`` is (call_module), or in which it was
+    recorded (``nn_module_stack``, as export and the concrete trace give it); (None, "") if unknown."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__, str(node.target)
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return None, ""
+    path, kind = stack[-1]
+    name = str(getattr(kind, "__name__", kind)).rpartition(".")[2]
+    return name or None, str(path)
 
 
 def _spatial(node: fx.Node) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fxeq
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import BNHead, CatTwice, Chained, Negatives, ShapeBranch, SharedFuse, TwoBranch
@@ -556,11 +558,51 @@ class Learned(nn.Module):
         return self.fuse(torch.cat([self.a(x), self.up(F.avg_pool2d(x, 2))], 1))
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
 def test_learned_upsampling_is_named_in_the_skip_reason(frontend: str) -> None:
-    (skipped,) = find_sites(capture(Learned(), X, frontend=frontend).module).skipped
-    assert skipped.reason.startswith("its upsampled input comes from a transposed conv (")
-    assert "learned upsampling, not interpolation" in skipped.reason and "pass all_concats=True" in skipped.reason
+    (skipped,) = find_sites(capture(Learned(), X, frontend=frontend, deployable=False).module).skipped
+    assert skipped.reason == ("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling, not "
+                              "interpolation: not a site by the paper's definition)")
+    assert skipped.fix == "pass all_concats=True to equalize it"
+    assert skipped.text == f"{skipped.reason}; {skipped.fix}"
+
+
+class LearnedPReLU(nn.Module):
+    """x ── a ──┐;  x ── pool ── ConvTranspose(s2) ── PReLU ──┴─ cat ── fuse (MONAI UNet's up path, ADN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.up = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), nn.PReLU())
+        self.fuse = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(torch.cat([self.a(x), self.up(F.avg_pool2d(x, 2))], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
+def test_a_prelu_after_learned_upsampling_is_looked_through(frontend: str) -> None:
+    (skipped,) = find_sites(capture(LearnedPReLU(), X, frontend=frontend, deployable=False).module).skipped
+    assert skipped.reason.startswith("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling")
+
+
+def test_the_no_site_warning_gives_each_fix_once() -> None:
+    class Both(nn.Module):  # two skipped concatenations with the same fix
+        def __init__(self) -> None:
+            super().__init__()
+            self.learned, self.a, self.b, self.fuse = Learned(), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), \
+                nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.learned(x) + self.fuse(torch.cat([self.a(x), self.b(x)], 1))
+
+    with pytest.warns(fxeq.NoSiteWarning) as caught:
+        fxeq.transform(Both(), [X], frontend="export")
+    text = str(caught[0].message)
+    assert text.count("all_concats=True") == 1
+    assert text.endswith("\nFix for the concatenations above: pass all_concats=True to equalize it.")
+    assert "ConvTranspose2d at learned.up.0 (learned upsampling" in text
+    assert "no input comes from an upsampling op (same-resolution features)" in text
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])

@@ -131,14 +131,7 @@ def find(
         An uncalibrated :class:`~fxeq.report.Report`.
 
     Example:
-        >>> import torch.nn.functional as F
-        >>> class Fuse(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
-        ...     def forward(self, x):
-        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
-        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> from fxeq._examples import Fuse  # x ── a ──┐;  x ── pool ── b ── interpolate ──┴─ cat ── fuse
         >>> [c.module for s in find(Fuse(), torch.randn(2, 3, 8, 8)).search.sites for c in s.convs]
         ['fuse']
     """
@@ -182,7 +175,13 @@ def prepare(
         CaptureError: the model could not run or be captured.
         AlreadyEqualizedError: fxeq already equalized a conv of the model.
     """
-    original = _checked_model(model)
+    return _prepare(_checked_model(model), example_inputs, inplace=inplace, frontend=frontend,
+                    all_concats=all_concats, dynamic=dynamic)
+
+
+def _prepare(original: nn.Module, example_inputs: Example | Inputs, *, inplace: bool, frontend: FrontendChoice,
+             all_concats: bool, dynamic: Dynamic) -> Prepared:
+    """:func:`prepare` for a model :func:`_checked_model` already accepted."""
     if frontend == "concrete" and not inplace:
         raise ValueError(
             "frontend='concrete' records one eager forward, which finds the sites but is no graph to deploy; "
@@ -370,14 +369,7 @@ def transform(
         Whatever is raised, the model is left exactly as it was.
 
     Example:
-        >>> import torch.nn.functional as F
-        >>> class Fuse(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
-        ...     def forward(self, x):
-        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
-        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> from fxeq._examples import Fuse  # x ── a ──┐;  x ── pool ── b ── interpolate ──┴─ cat ── fuse
         >>> deployed = transform(Fuse(), [torch.randn(2, 3, 8, 8) for _ in range(2)])
         >>> [s.convs[0].module for s in deployed.fxeq_report.search.sites], type(deployed).__name__
         (['fuse'], 'Fuse')
@@ -388,33 +380,28 @@ def transform(
     data = CalibrationData(calib_loader)
     device, dtype = model_device_and_dtype(original)
     example = batch_inputs(data.first(), input_fn, model=original, device=device, dtype=dtype)
-    prepared = prepare(original, example, inplace=inplace, frontend=frontend, all_concats=all_concats,
-                       dynamic=dynamic)
+    prepared = _prepare(original, example, inplace=inplace, frontend=frontend, all_concats=all_concats,
+                        dynamic=dynamic)
     if not prepared.search.sites:
-        warnings.warn(no_site_message(original, prepared.search, all_concats), NoSiteWarning, stacklevel=2)
+        warnings.warn(no_site_message(original, prepared.search), NoSiteWarning, stacklevel=2)
         return convert(prepared, mode=mode)
     calibrate(prepared, data, num_batches=num_batches, input_fn=input_fn, progress=progress,
               min_std=min_std, one_pass=one_pass)
     return convert(prepared, mode=mode, keep_norm=keep_norm)
 
 
-def no_site_message(model: nn.Module, search: SiteSearch, all_concats: bool) -> str:
-    """What to say when a model has no fusion site: what fxeq looks for, and what it skipped (once each)."""
+def no_site_message(model: nn.Module, search: SiteSearch) -> str:
+    """What to say when a model has no fusion site: what fxeq looks for, what it skipped, and each fix once."""
     reasons = "".join(f"\n  {s.node}: {s.reason}" for s in search.skipped[:8])
     more = len(search.skipped) - 8
-    learned = any("learned upsampling" in s.reason for s in search.skipped)
-    hint = ""
-    if not all_concats:
-        hint = ("\nPass all_concats=True to equalize concatenations of learned upsampling (a transposed conv, "
-                "pixel shuffle) too." if learned else
-                "\nPass all_concats=True for same-resolution concatenations.")
+    fixes = dict.fromkeys(s.fix for s in search.skipped if s.fix)
     return (
         f"fxeq found no fusion site in {type(model).__name__}: it looks for a channel "
         "concatenation (torch.cat, dim=1) with an upsampled input (F.interpolate, nn.Upsample, "
         "aten.upsample_*) whose output feeds a conv. The model is returned unchanged."
         + (f" Skipped concatenations:{reasons}" if reasons else "")
         + (f"\n  ... and {more} more" if more > 0 else "")
-        + hint
+        + "".join(f"\nFix for the concatenations above: {fix}." for fix in fixes)
     )
 
 

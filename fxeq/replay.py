@@ -87,15 +87,9 @@ def apply(
             statistics. Nothing was written.
 
     Example:
-        >>> import torch.nn.functional as F, fxeq
-        >>> class Net(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
-        ...     def forward(self, x):
-        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
-        ...         return self.fuse(torch.cat([self.a(x), b], 1))
-        >>> net = Net()
+        >>> import fxeq
+        >>> from fxeq._examples import Fuse  # x ── a ──┐;  x ── pool ── b ── interpolate ──┴─ cat ── fuse
+        >>> net = Fuse()
         >>> twin = copy.deepcopy(net)
         >>> report = fxeq.transform(net, [torch.randn(2, 3, 8, 8)], inplace=True).fxeq_report
         >>> torch.equal(apply(twin, report.to_dict()).fuse.weight, net.fuse.weight)
@@ -169,8 +163,8 @@ def _check_report(report: Report) -> None:
             if stat is None:
                 raise FxEqError(
                     f"site {site.name!r}, input {inp.index} (channels {start}:{end}): the report holds no mean and "
-                    "std; expected a calibrated report. Reports of fxeq.find, and of `fxeq inspect` without "
-                    "--calib, have none: use the report that fxeq.transform or `fxeq convert` wrote."
+                    "std; expected a calibrated report. Reports of fxeq.find (uncalibrated) have none: use "
+                    "the report of fxeq.transform or fxeq.convert."
                 )
             if not (math.isfinite(stat.mean) and math.isfinite(stat.std)) or stat.std <= 0:
                 raise FxEqError(
@@ -202,7 +196,7 @@ def _checked_parameters(model: nn.Module, site: Site) -> dict[str, torch.Tensor]
         owner = model.get_submodule(conv.module) if conv.module else model
         # the conv module owning this weight, when there is one (functional convs have none)
         module_conv = owner if is_conv_module(owner) and owner.weight is weight else None
-        transposed = isinstance(module_conv, nn.modules.conv._ConvTransposeNd)
+        transposed = is_conv_module(module_conv, transposed=True)
         if weight.dim() < 3 or transposed != conv.transposed:
             kind = type(owner).__name__ if module_conv is not None else f"a {weight.dim()}-D parameter"
             expected = "a transposed conv weight (in, out / groups, *kernel)" if conv.transposed else \

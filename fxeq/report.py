@@ -42,7 +42,10 @@ FOLDER_REPORT = "fxeq.json"
 """The report's name inside a folder fxeq wrote or equalized (a ``save_pretrained`` or training folder)."""
 
 _SUFFIX = ".fxeq.json"
-_LEGACY_KEEP_NORM = "keep_norm: per-output-channel weight norms restored"  # fxeq 0.2 said so only in words
+
+
+class _Outdated(Exception):
+    """A report entry in the schema of fxeq before 0.3 (named by the message)."""
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +248,7 @@ class Report:
         return {
             "frontend": self.frontend, "folded": self.folded, "mode": self.mode, "keep_norm": self.keep_norm,
             "calibration": self.calibration_summary(), "example": self.example, "sites": sites,
-            "skipped": [{"node": s.node, "reason": s.reason} for s in self.search.skipped],
+            "skipped": [{"node": s.node, "reason": s.reason, "fix": s.fix} for s in self.search.skipped],
             "versions": self.versions or versions(), **self.extra,
         }
 
@@ -294,33 +297,41 @@ class Report:
                 convs = []
                 for c in entry["convs"]:
                     weight = str(c["weight"])
+                    if "writes" not in c:
+                        raise _Outdated(f"conv {weight}")
+                    module = str(c["module"])
+                    if weight != f"{module}.weight".lstrip("."):
+                        raise ValueError(f"conv module {module!r} does not own weight {weight!r}")
                     convs.append(FusingConv(
-                        str(c.get("node", "")), weight.rpartition(".")[0], weight, c.get("bias"),
+                        str(c.get("node", "")), module, weight, c.get("bias"),
                         int(c.get("groups", 1)), bool(c.get("padded", False)), bool(c.get("followed_by_norm", False)),
                         c.get("batch_norm"), str(c.get("dtype") or "").removeprefix("torch.") or None,
                         bool(c.get("transposed", False)), tuple(int(s) for s in c.get("stride") or (1,)),
                         tuple(int(s) for s in c["shape"]) if c.get("shape") else None,
                     ))
-                    recorded = c.get("writes")
-                    if recorded is None:  # written before "writes" was recorded: what the flags say
-                        recorded = [k for k, flag in (("weight", c.get("folded_scale")),
-                                                      ("bias", c.get("folded_mean"))) if flag]
-                    writes[weight] = tuple(str(w) for w in recorded)
+                    writes[weight] = tuple(str(w) for w in c["writes"])
                     if c.get("rewrite_notes"):
                         notes[weight] = [str(n) for n in c["rewrite_notes"]]
-                    legacy_keep_norm = "writes" not in c and _LEGACY_KEEP_NORM in c.get("notes", ())
-                    if c.get("keep_norm") or legacy_keep_norm:
+                    if c.get("keep_norm"):
                         kept.add(weight)
                 sites.append(Site(str(entry["name"]), tuple(inputs), tuple(convs),
                                   tuple(str(d) for d in entry.get("depends_on", ())),
                                   tuple(str(n) for n in entry.get("notes", ()))))
             where = "the skipped concatenations"
-            skipped = tuple(Skipped(str(s["node"]), str(s["reason"])) for s in data.get("skipped", ()))
+            skipped = tuple(Skipped(str(s["node"]), str(s["reason"]), str(s.get("fix", "")))
+                            for s in data.get("skipped", ()))
             where = "the calibration summary"
             summary = data.get("calibration")
             calibration = None if not summary else CalibrationSummary(
                 int(summary["passes"]), int(summary["batches"]), float(summary["seconds"]),
                 bool(summary.get("one_pass", False)), tuple(float(s) for s in summary.get("pass_seconds", ())))
+        except _Outdated as e:
+            version = (data.get("versions") or {}).get("fxeq", "before 0.3")
+            raise ValueError(
+                f"the report was written by fxeq {version}, which did not record which tensors of each conv it "
+                f"wrote ({e} has no 'writes') nor whether it restored weight norms, so it cannot be applied or "
+                "read exactly; convert the original checkpoint again with this version."
+            ) from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise ValueError(
                 f"the report's entry for {where} is incomplete or malformed ({type(e).__name__}: {e}); expected the "
@@ -421,7 +432,7 @@ class Report:
             if site.depends_on:
                 lines.append(f"  calibrated after: {', '.join(site.depends_on)}")
         for skipped in self.search.skipped:
-            lines.append(f"skipped {skipped.node}: {skipped.reason}")
+            lines.append(f"skipped {skipped.node}: {skipped.text}")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:

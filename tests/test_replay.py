@@ -274,7 +274,7 @@ def test_failure_at_a_later_site_writes_nothing() -> None:
 def test_failing_fold_at_a_later_site_writes_nothing() -> None:
     data = _report("chained")
     data["sites"][1]["inputs"][0]["std"] = 1e-30
-    _refused(Chained(), data, r"site 'cat_1' \(conv fuse2\), input 0 .* expected a std of at least",
+    _refused(Chained(), data, r"site 'cat_1' \(conv fuse2\), input 0 .* expected a std above 1e-05 x \|mean\|",
              error=fxeq.CalibrationError)
 
 
@@ -298,7 +298,7 @@ class Plain(nn.Module):
 def test_sites_catch_a_conv_that_fuses_nothing(probe: str) -> None:
     data = _report()
     conv = data["sites"][0]["convs"][0]
-    conv.update(weight="net.2.weight", bias="net.2.bias")
+    conv.update(module="net.2", weight="net.2.weight", bias="net.2.bias")
     kwargs = {"example_inputs": batches()[0]} if probe == "example_inputs" else {}
     _refused(Plain(), data, r"conv net.2 \(site 'cat'\): expected it to read a concatenation with slices "
              r"\[0:3, 3:8\], found that it reads none that fxeq can equalize in this model \(its fusing convs: "
@@ -330,7 +330,8 @@ def test_apply_reproduces_the_other_modes(mode: str) -> None:
 def test_report_without_statistics() -> None:
     report = fxeq.find(TwoBranch(), batches()[0])
     _refused(TwoBranch(), report, r"site 'cat', input 0 \(channels 0:3\): the report holds no mean and std; "
-             "expected a calibrated report")
+             r"expected a calibrated report\. Reports of fxeq\.find \(uncalibrated\) have none: use the report of "
+             r"fxeq\.transform or fxeq\.convert\.")
 
 
 @pytest.mark.parametrize("std", [float("nan"), 0.0, -1.0])

@@ -82,6 +82,24 @@ def test_from_dict_names_what_is_missing() -> None:
         Report.from_dict({"sites": [], "mode": "fold"})
 
 
+def test_from_dict_refuses_a_report_from_before_writes_were_recorded() -> None:
+    data = fxeq.transform(TwoBranch(), batches(2), progress=False).fxeq_report.to_dict()
+    del data["sites"][0]["convs"][0]["writes"]
+    data["versions"]["fxeq"] = "0.2.0"
+    with pytest.raises(ValueError, match=r"the report was written by fxeq 0\.2\.0, which did not record which "
+                                         r"tensors of each conv it wrote \(conv fuse\.weight has no 'writes'\) nor "
+                                         r"whether it restored weight norms.*convert the original checkpoint again"):
+        Report.from_dict(data)
+
+
+def test_from_dict_refuses_a_conv_whose_module_does_not_own_its_weight() -> None:
+    data = fxeq.transform(TwoBranch(), batches(2), progress=False).fxeq_report.to_dict()
+    data["sites"][0]["convs"][0]["module"] = "owner"
+    with pytest.raises(ValueError, match=r"the report's entry for site 'cat' is incomplete or malformed \(ValueError: "
+                                         r"conv module 'owner' does not own weight 'fuse.weight'\)"):
+        Report.from_dict(data)
+
+
 def test_plot_draws_a_png(tmp_path: Path) -> None:
     report = fxeq.transform(Chained(), batches(2), progress=False).fxeq_report
     path = report.plot(tmp_path / "report.png")

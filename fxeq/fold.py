@@ -175,22 +175,25 @@ def fold_site(
             ``min_std`` or below 1e-5 x |mean| (a constant input up to rounding).
         FxEqError: the folded weights overflow their dtype. Nothing is modified.
     """
+    constant = ("Check that this branch is not constant (e.g. all-zero after ReLU, or a 1x1 pooled map normalized "
+                "over a batch of one sample: use batches of at least 2)")
     for inp in site.inputs:
         m, s = mean[inp.index], std[inp.index]
         if not (math.isfinite(m) and math.isfinite(s)):
-            found = "expected a finite mean and std"
-        elif s < min_std or s <= _CONSTANT * abs(m):
-            found = (f"expected a std of at least {min_std:g} and above {_CONSTANT:g} x |mean| (anything smaller is "
-                     "a constant input up to rounding)")
+            found, fix = "expected a finite mean and std", "Check the calibration data for NaN/Inf"
+        elif s <= _CONSTANT * abs(m):
+            found = f"expected a std above {_CONSTANT:g} x |mean| (anything smaller is a constant input up to rounding)"
+            fix = constant
+        elif s < min_std:
+            found = f"expected a std of at least min_std={min_std:g}"
+            fix = f"{constant}; if features this small are genuine, pass a smaller min_std"
         else:
             continue
         raise CalibrationError(
             f"site {site.name!r} (conv {site.convs[0].module}), input {inp.index} "
             f"(node {inp.node!r}, channels {inp.channels[0]}:{inp.channels[1]}, from {inp.producer}): "
             f"{found}, found mean={m:.6g}, std={s:.6g}. Dividing by it would blow the conv's weights up. "
-            "Check the calibration data for NaN/Inf, that this branch is not constant (e.g. all-zero after "
-            "ReLU, or a 1x1 pooled map normalized over a batch of one sample: use batches of at least 2), "
-            "or raise min_std; nothing was modified."
+            f"{fix}; nothing was modified."
         )
     mean_vec, std_vec = site_vectors(site, mean, std, device=parameters[site.convs[0].weight].device)
     new: dict[str, torch.Tensor] = {}
@@ -206,8 +209,8 @@ def fold_site(
         if not torch.isfinite(tensor).all():
             raise FxEqError(
                 f"site {site.name!r}: folding into {name} overflows {tensor.dtype} "
-                f"(std as small as {min(std.values()):.3g}). Calibrate in a wider dtype or raise min_std; "
-                "nothing was modified."
+                f"(std as small as {min(std.values()):.3g}). Calibrate the model in a wider dtype (e.g. "
+                "model.float()), then cast it back; nothing was modified."
             )
     return new
 

@@ -510,9 +510,28 @@ def test_a_std_above_min_std_but_tiny_beside_the_mean_is_refused() -> None:
     state = state_of(model)
     with pytest.raises(fxeq.CalibrationError, match=r"input 1 .*above 1e-05 x \|mean\|") as caught:
         fxeq.transform(model, batches(2), inplace=True, min_std=1e-6)
+    assert "Check that this branch is not constant" in str(caught.value)
+    assert "smaller min_std" not in str(caught.value)  # it would not help
     std = float(re.search(r"found mean=\S+, std=([0-9.e+-]+)\.", str(caught.value)).group(1))
     assert 1e-6 < std < 1e-5 * 1e4
     assert same_state(model, state)
+
+
+def test_a_std_below_min_std_says_a_smaller_min_std_would_take_it() -> None:
+    model = TwoBranch()
+    with pytest.raises(fxeq.CalibrationError, match=r"input 0 .*: expected a std of at least min_std=1e\+06, found "
+                                                    r"mean=.*; if features this small are genuine, pass a smaller "
+                                                    r"min_std; nothing was modified\.$"):
+        fxeq.transform(model, batches(2), inplace=True, min_std=1e6)
+
+
+def test_non_finite_statistics_point_at_the_data() -> None:
+    model = TwoBranch()
+    with torch.no_grad():
+        model.conv_b.bias.fill_(float("inf"))
+    with pytest.raises(fxeq.CalibrationError, match=r"input 1 .*: expected a finite mean and std, found mean=.*"
+                                                    r"Check the calibration data for NaN/Inf; nothing was modified"):
+        fxeq.transform(model, batches(2), inplace=True)
 
 
 @pytest.mark.parametrize("key", ["labels", "label", "target", "targets"])

@@ -82,7 +82,8 @@ def _site() -> Site:
 @pytest.mark.parametrize(
     ("mean", "std", "message"),
     [
-        ({0: 0.0, 1: 0.0}, {0: 1.0, 1: 0.0}, r"site 'cat' \(conv fuse\), input 1 \(node 'b'.*std of at least 1e-06.*std=0"),
+        ({0: 0.0, 1: 0.0}, {0: 1.0, 1: 0.0}, r"site 'cat' \(conv fuse\), input 1 \(node 'b'.*std above 1e-05 x "
+                                              r"\|mean\| \(anything smaller is a constant.*std=0"),
         ({0: float("nan"), 1: 0.0}, {0: 1.0, 1: 1.0}, r"input 0 .*finite mean.*mean=nan"),
         ({0: 0.0, 1: 0.0}, {0: float("inf"), 1: 1.0}, r"input 0 .*std=inf"),
     ],
@@ -96,7 +97,9 @@ def test_fold_site_rejects_unusable_statistics(mean, std, message):
 def test_fold_site_rejects_overflow_in_low_precision():
     params = {"fuse.weight": torch.full((2, 3, 1, 1), 60000.0, dtype=torch.float16), "fuse.bias": None}
     site = Site(_site().name, _site().inputs, (FusingConv("fuse", "fuse", "fuse.weight", None, 1, False, False),))
-    with pytest.raises(FxEqError, match="overflows torch.float16"):
+    with pytest.raises(FxEqError, match=r"site 'cat': folding into fuse.weight overflows torch.float16 \(std as small "
+                                        r"as 0\.001\)\. Calibrate the model in a wider dtype \(e\.g\. model\.float\(\)\), "
+                                        r"then cast it back; nothing was modified\."):
         fold_site(site, {0: 0.0, 1: 0.0}, {0: 1.0, 1: 1e-3}, params)
 
 

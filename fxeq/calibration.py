@@ -72,25 +72,12 @@ class Calibration:
     Attributes:
         stats: per (site name, input index), the statistics folded into the convs.
         parameters: per parameter name, the folded tensor (not yet written).
-        passes: passes over the data.
-        batches: batches run, over all passes.
-        seconds: wall time of all passes.
-        one_pass: whether the one-pass shortcut was used (downstream sites approximate).
-        pass_seconds: wall time of each pass.
+        summary: passes, batches and time, as the report records them.
     """
 
     stats: dict[tuple[str, int], InputStats]
     parameters: dict[str, torch.Tensor]
-    passes: int
-    batches: int
-    seconds: float
-    one_pass: bool = False
-    pass_seconds: tuple[float, ...] = ()
-
-    @property
-    def summary(self) -> CalibrationSummary:
-        """What the report records of this run."""
-        return CalibrationSummary(self.passes, self.batches, self.seconds, self.one_pass, self.pass_seconds)
+    summary: CalibrationSummary
 
 
 # ---------------------------------------------------------------------------
@@ -172,8 +159,8 @@ def calibrate_sites(
                                 {k: v.std for k, v in site_stats.items()}, current, min_std=min_std)
                 current.update(new)
                 folded.update(new)
-    return Calibration(stats, folded, len(generations), batches, time.perf_counter() - start, one_pass,
-                       tuple(pass_seconds))
+    return Calibration(stats, folded, CalibrationSummary(len(generations), batches, time.perf_counter() - start,
+                                                         one_pass, tuple(pass_seconds)))
 
 
 def _forward_with(model: nn.Module, parameters: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:

@@ -26,6 +26,14 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
 
 
+def test_the_mode_names_are_the_strategies() -> None:
+    from typing import get_args
+
+    from fxeq.modes import MODES, STRATEGIES, Mode
+
+    assert get_args(Mode) == MODES == tuple(STRATEGIES)
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_reparam_gradients_equal_the_explicit_equalizer(frontend: str) -> None:
     base, data, x = BNFuse(), batches(), torch.randn(4, 3, 16, 16)

@@ -1,32 +1,56 @@
 """The report as a picture: each site's input scales before fxeq and after it (needs matplotlib, the ``plot`` extra).
 
-One panel per fusion site, in the shape of the paper's Figure 2: a bar per
-concatenation input with the std it reaches the fusing conv with as measured
-(before fxeq), beside the std the conv effectively receives after the fold
-(the measured std divided by the folded one: 1 by construction, where the
-statistics are those the fold used). Inputs are labelled by index, producer
-and upsampling, upsampled ones in another colour, and the panel's title gives
-the fusing conv and the largest/smallest std ratio before and after. Chained
-sites show what one-site-at-a-time calibration measured: a downstream site
-after the folds upstream of it.
+One panel per fusion site, in the shape of the paper's Figure 2::
+
+    decoder.fusion_block.0  (site cat_1, after cat)
+    std max/min 1.28 -> 1.00
+      |  ▆▆ ▒▒    ▆▆ ▒▒    ▆▆ ▒▒       ▆▆  before fxeq: the input's std as measured
+      |  ▆▆ ▒▒    ▆▆ ▒▒    ▆▆ ▒▒       ▒▒  after fxeq: what the fusing conv receives
+      +---------------------------------
+         0: ...    1: ...   2: ...        (producer, upsampling, channels)
+
+Before is the std each input reaches its fusing conv with, as measured:
+chained sites show what one-site-at-a-time calibration measured, a
+downstream site after the folds upstream of it. After is that std divided by
+the std the fold used: 1 by construction in a fresh conversion, approximate
+(marked) for downstream sites measured in one pass, and, for a converted
+model measured again (``folded=``), what its conv really receives now.
+The std axis is logarithmic, so equal ratios look equal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = ["plot_report"]
 
 _PLOT_EXTRA = "pip install -e '.[plot]' (in your clone of fxeq)"
-_COLUMNS = 3
-_LABEL = 34  # characters of an input's label kept under its bar
+_LABEL = 34  # characters of a producer kept beside its bars
+_COLOURS = {"upsampled": "#d95f02", "kept": "#1b9e77", "after": "#7570b3"}
 
 
-def plot_report(report: Any, path: str | os.PathLike[str]) -> Path:
+def plot_report(
+    report: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    folded: Mapping[tuple[str, int], float] | None = None,
+) -> Path:
     """Draw ``report`` (a :class:`fxeq.report.Report`) as a PNG at ``path`` (its folder must exist); return the path.
+
+    Args:
+        report: a calibrated report.
+        path: where the PNG goes (``.png``).
+        title: what the picture is of (e.g. the model's name); shown first. Default: None.
+        folded: per (site, input index), the std a conversion folded, when
+            ``report`` measured a model that was converted before (the
+            command line's ``inspect`` of a converted checkpoint): after is
+            then the measured std over this one. Default: None (the report's
+            own statistics were folded, or will be).
 
     Raises:
         ImportError: matplotlib is not installed (the message names the extra).
@@ -45,10 +69,9 @@ def plot_report(report: Any, path: str | os.PathLike[str]) -> Path:
         'r.png'
     """
     try:
-        import matplotlib  # noqa: PLC0415 - optional
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib import pyplot as plt  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415 - optional; no pyplot, so no backend is switched
+        from matplotlib.lines import Line2D  # noqa: PLC0415
+        from matplotlib.patches import Patch  # noqa: PLC0415
     except ImportError as e:
         raise ImportError(f"drawing the report needs matplotlib, which is not installed: {_PLOT_EXTRA}") from e
     target = Path(path)
@@ -58,55 +81,93 @@ def plot_report(report: Any, path: str | os.PathLike[str]) -> Path:
     if not sites:
         raise ValueError("the report has no calibrated fusion site to draw (fxeq.find's reports, and reports of "
                          "models without sites, have no statistics); calibrate first")
-    columns = min(_COLUMNS, len(sites))
+    columns = 1 if len(sites) <= 4 else 2
     rows = math.ceil(len(sites) / columns)
-    widest = max(len(s.inputs) for s in sites)
-    figure, axes = plt.subplots(rows, columns, figsize=(max(4.2, 0.9 * widest + 1.6) * columns, 4.6 * rows),
-                                squeeze=False)
+    per_row = [max(len(s.inputs) for s in sites[r * columns:(r + 1) * columns]) for r in range(rows)]
+    figure = Figure(figsize=(7.5 * columns, sum(0.42 * n + 1.3 for n in per_row) + 1.2), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw={"height_ratios": per_row})
     for ax, site in zip(axes.flat, sites, strict=False):
-        _panel(ax, report, site)
+        _panel(ax, report, site, folded)
     for ax in list(axes.flat)[len(sites):]:
-        ax.axis("off")
-    state = f"mode {report.mode}" if report.folded else "measured, not yet folded"
-    figure.suptitle(f"fxeq: scale of each fusion input at its fusing conv ({state}; frontend {report.frontend})",
-                    fontsize=12)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (_COLOURS["upsampled"], _COLOURS["kept"])]
-    handles.append(plt.Line2D([0], [0], color=_COLOURS["after"], marker="D", linestyle=""))
-    figure.legend(handles, ["before fxeq: upsampled input", "before fxeq: not upsampled",
-                            "after fxeq: what the conv receives"], loc="lower center", ncol=3, frameon=False)
-    figure.tight_layout(rect=(0, 0.06, 1, 0.95))
+        ax.set_visible(False)
+    figure.suptitle(_heading(report, title, folded is not None), fontsize=11)
+    handles = [Patch(color=_COLOURS["upsampled"], label="before fxeq: upsampled input"),
+               Patch(color=_COLOURS["kept"], label="before fxeq: input not upsampled"),
+               Patch(color=_COLOURS["after"], label="after fxeq: what the fusing conv receives"),
+               Line2D([0], [0], color="#303030", linestyle=":", label="std 1")]
+    figure.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=8.5)
     figure.savefig(target, dpi=110)
-    plt.close(figure)
     return target
 
 
-_COLOURS = {"upsampled": "#d95f02", "kept": "#1b9e77", "after": "#303030"}
+def _heading(report: Any, title: str | None, measured_again: bool) -> str:
+    samples = max((s.samples for s in report.stats.values()), default=0)
+    if measured_again:
+        state = "a converted model, measured again"
+    elif report.folded:
+        state = f"mode {report.mode}"
+    else:
+        state = "measured, not yet folded"
+    calibration = getattr(report, "calibration", None)
+    one_pass = "\none pass: sites downstream of another are approximate" \
+        if calibration is not None and calibration.one_pass else ""
+    return (f"{title + ': ' if title else ''}the scale of each fusion input at its fusing conv\n{state}; "
+            f"{samples} samples per input; frontend {report.frontend}{one_pass}")
 
 
-def _panel(ax: Any, report: Any, site: Any) -> None:
+def _after(report: Any, site: Any, folded: Mapping[tuple[str, int], float] | None) -> tuple[list[float], str]:
+    """What the conv receives after fxeq, per input, and how to read it ("", "≈" or "once folded")."""
     stds = [report.stats[site.name, i.index].std for i in site.inputs]
-    ratio = max(stds) / min(stds)
-    positions = range(len(stds))
+    if folded is not None and all((site.name, i.index) in folded for i in site.inputs):
+        return [s / folded[site.name, i.index] for s, i in zip(stds, site.inputs, strict=True)], ""
+    calibration = getattr(report, "calibration", None)
+    approximate = calibration is not None and calibration.one_pass and bool(site.depends_on)
+    return [1.0] * len(stds), "≈" if approximate else "" if report.folded else "once folded"
+
+
+def _panel(ax: Any, report: Any, site: Any, folded: Mapping[tuple[str, int], float] | None) -> None:
+    stds = [report.stats[site.name, i.index].std for i in site.inputs]
+    after, how = _after(report, site, folded)
+    rows = list(range(len(stds)))
     colours = [_COLOURS["upsampled" if i.upsample else "kept"] for i in site.inputs]
-    ax.bar(positions, stds, color=colours, width=0.6)
-    ax.plot(positions, [1.0] * len(stds), "D", color=_COLOURS["after"], markersize=7)
-    ax.axhline(1.0, color=_COLOURS["after"], linewidth=0.8, linestyle=":")
-    for x, std in zip(positions, stds, strict=True):
-        ax.annotate(f"{std:.3g}", (x, std), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-    ax.set_xticks(list(positions))
-    ax.set_xticklabels([_label(i) for i in site.inputs], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("std of the input (its scale)")
-    ax.set_ylim(0, max(1.15, max(stds) * 1.18))
+    height = 0.38
+    ax.barh([y - height / 2 for y in rows], stds, height, color=colours)
+    ax.barh([y + height / 2 for y in rows], after, height, color=_COLOURS["after"],
+            alpha=0.45 if how else 1.0, hatch="//" if how else None)
+    ax.axvline(1.0, color="#303030", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    low, high = min(*stds, *after), max(*stds, *after)
+    ax.set_xlim(low / 1.5, high * 1.6)
+    ax.set_xticks([t for t in _TICKS if low / 1.5 <= t <= high * 1.6] or [1.0])
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.xaxis.set_minor_formatter("")
+    for y, value in zip(rows, stds, strict=True):
+        ax.annotate(f" {value:.3g}", (value, y - height / 2), va="center", fontsize=7)
+    for y, value in zip(rows, after, strict=True):
+        ax.annotate(f" {'≈' if how == '≈' else ''}{value:.3g}", (value, y + height / 2), va="center", fontsize=7)
+    ax.set_yticks(rows)
+    ax.set_yticklabels([_label(i) for i in site.inputs], fontsize=7.5)
+    ax.invert_yaxis()  # input 0 on top
+    ax.set_xlabel("std of the input at the conv (log axis)", fontsize=8)
+    ratio = max(stds) / min(stds)
+    ratio_after = max(after) / min(after)
     convs = ", ".join(c.module or "<root>" for c in site.convs)
-    after = "1.00" if report.folded else "1.00 once folded"
-    chained = f"\n(after {', '.join(site.depends_on)})" if site.depends_on else ""
-    ax.set_title(f"{site.name} -> {convs}\nstd max/min {ratio:.2f} before, {after} after{chained}", fontsize=9)
+    chained = f", calibrated after {', '.join(site.depends_on)}" if site.depends_on else ""
+    after_text = f"{ratio_after:.2f}" + (f" ({how})" if how == "once folded" else " (approximate)" if how else "")
+    ax.set_title(f"{convs}  (site {site.name}{chained})\nstd max/min {ratio:.2f} before → {after_text} after",
+                 fontsize=9, loc="left")
+
+
+_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 
 def _label(inp: Any) -> str:
-    producer = inp.producer if len(inp.producer) <= _LABEL else "..." + inp.producer[-(_LABEL - 3):]
-    up = f", {inp.upsample} x{_factor(inp.scale)}" if inp.upsample else ""
-    return f"{inp.index}: {producer}{up}"
+    """Two lines: index, producer; upsampling and channels."""
+    producer = inp.producer if len(inp.producer) <= _LABEL else "…" + inp.producer[-(_LABEL - 1):]
+    up = f"{inp.upsample} x{_factor(inp.scale)}" if inp.upsample else "not upsampled"
+    if inp.padded:
+        up += ", padded"
+    return f"{inp.index}: {producer}\n{up}, ch {inp.channels[0]}:{inp.channels[1]}"
 
 
 def _factor(scale: tuple[float, ...] | None) -> str:

@@ -435,14 +435,15 @@ class Report:
             lines.append(f"skipped {skipped.node}: {skipped.text}")
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike[str]) -> Path:
+    def plot(self, path: str | os.PathLike[str], *, title: str | None = None,
+             folded: Mapping[tuple[str, int], float] | None = None) -> Path:
         """Draw each site's input stds before fxeq and after it as a PNG; see :func:`fxeq.plot.plot_report`.
 
         Needs matplotlib (fxeq's ``plot`` extra).
         """
         from .plot import plot_report  # noqa: PLC0415 - matplotlib is optional
 
-        return plot_report(self, path)
+        return plot_report(self, path, title=title, folded=folded)
 
     def __str__(self) -> str:
         return self.table()

@@ -110,8 +110,37 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
         Report(SiteSearch((), ()), "fx").plot(tmp_path / "empty.png")
 
 
+def test_plot_after_is_what_the_conv_receives(tmp_path: Path) -> None:
+    from fxeq.plot import _after
+
+    model = Chained()
+    report = fxeq.transform(model, batches(2), progress=False).fxeq_report
+    first, second = report.search.sites
+    assert _after(report, second, None) == ([1.0, 1.0], "")  # measured after the upstream fold: exact
+    one_pass = fxeq.transform(Chained(), batches(2), progress=False, one_pass=True).fxeq_report
+    assert _after(one_pass, one_pass.search.sites[1], None)[1] == "≈"
+    assert _after(one_pass, one_pass.search.sites[0], None)[1] == ""
+    unfolded = fxeq.find(Chained(), batches(2)[0])
+    assert not unfolded.folded
+    # a converted model measured again: after is the std now over the std the conversion folded
+    folded = {k: 2 * v.std for k, v in report.stats.items()}
+    after, how = _after(report, first, folded)
+    assert how == "" and after == pytest.approx([0.5] * len(first.inputs))
+    path = report.plot(tmp_path / "again.png", title="Chained", folded=folded)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_leaves_matplotlib_backend_alone(tmp_path: Path) -> None:
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    fxeq.transform(TwoBranch(), batches(2), progress=False).fxeq_report.plot(tmp_path / "r.png")
+    assert matplotlib.get_backend() == before
+
+
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
     report = Report(SiteSearch((), ()), "fx")
     with pytest.raises(ImportError, match=r"drawing the report needs matplotlib, which is not installed: "
                                           r"pip install -e '\.\[plot\]'"):

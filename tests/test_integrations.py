@@ -9,10 +9,12 @@ same objects before and after the callback.
 from __future__ import annotations
 
 import copy
+import csv
 import importlib
 import itertools
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -162,19 +164,32 @@ def _hf_data() -> list[dict[str, torch.Tensor]]:
 def _hf_trainer(model: nn.Module, output_dir: Path, callbacks: list[Any], **kwargs: Any) -> Any:
     T = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    options = {"max_steps": 1, "save_strategy": "no", **kwargs}
-    args = T.TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=2, use_cpu=True, report_to=[],
-        disable_tqdm=True, logging_strategy="no", learning_rate=0.1, **options,
-    )
+    options = {"max_steps": 1, "save_strategy": "no", "disable_tqdm": True, "logging_strategy": "no", **kwargs}
+    args = T.TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, use_cpu=True,
+                               report_to=[], learning_rate=0.1, **options)
     return T.Trainer(model=model, args=args, train_dataset=_hf_data(), callbacks=callbacks)
+
+
+def _hf_equalizing(model: nn.Module, output_dir: Path, before: list[Any], after: list[Any],
+                   num_batches: int = 2, **kwargs: Any) -> tuple[Any, Any]:
+    """A Trainer whose callbacks are ``before``, the ScaleEqualizationCallback given it, then ``after``."""
+    ScaleEqualizationCallback = _hf_callback()
+    trainer = _hf_trainer(model, output_dir, before, **kwargs)
+    callback = ScaleEqualizationCallback(num_batches=num_batches, trainer=trainer)
+    trainer.add_callback(callback)
+    for extra in after:
+        trainer.add_callback(extra)
+    return trainer, callback
 
 
 def _hf_recorder() -> Any:
     T = pytest.importorskip("transformers")
 
     class Recorder(T.TrainerCallback):
-        """Records, at on_train_begin, the random state, the weights and the optimizer's parameter ids."""
+        """Records, at on_train_begin, the random state, the weights and the optimizer's parameter ids; and logs."""
+
+        def __init__(self) -> None:
+            self.logs: list[dict[str, float]] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, optimizer: Any,
                            train_dataloader: Any, **kwargs: Any) -> None:
@@ -182,18 +197,21 @@ def _hf_recorder() -> Any:
             self.state, self.ids = state_of(model), _optimizer_ids(optimizer)
             self.loader = train_dataloader
 
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.logs.append({**logs, "step": state.global_step, "model": kwargs.get("model") is not None})
+
     return Recorder()
 
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """One Trainer step with the callback between two recorders, saving checkpoint-1."""
-    ScaleEqualizationCallback = _hf_callback()
+    """One Trainer step, saving checkpoint-1, with the callback between two recorders (the first where the Trainer
+    puts its reporting integrations: before the callbacks given to it)."""
     out = tmp_path_factory.mktemp("hf")
     model = _segformer(seed=0)
     original = copy.deepcopy(model)
-    before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
-    trainer = _hf_trainer(model, out, [before, callback, after], save_strategy="steps", save_steps=1)
+    before, after = _hf_recorder(), _hf_recorder()
+    trainer, callback = _hf_equalizing(model, out, [before], [after], save_strategy="steps", save_steps=1)
     trainer.train()
     torch.random.set_rng_state(before.rng)  # the (shuffled) batches the callback drew
     reference = copy.deepcopy(original)
@@ -233,11 +251,10 @@ def test_hf_report_replays_the_run(hf_run: SimpleNamespace) -> None:
 def test_hf_callback_leaves_a_resumed_run_alone(hf_run: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
     from safetensors.torch import load_file
 
-    ScaleEqualizationCallback = _hf_callback()
     checkpoint = hf_run.out / "checkpoint-1"
-    before, callback, after = _hf_recorder(), ScaleEqualizationCallback(num_batches=2), _hf_recorder()
-    trainer = _hf_trainer(_segformer(seed=1), hf_run.out, [before, callback, after], max_steps=2,
-                          save_strategy="steps", save_steps=1)
+    before, after = _hf_recorder(), _hf_recorder()
+    trainer, callback = _hf_equalizing(_segformer(seed=1), hf_run.out, [before], [after], max_steps=2,
+                                       save_strategy="steps", save_steps=1)
     with caplog.at_level(logging.INFO, logger="fxeq"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert callback.report is None
@@ -262,12 +279,12 @@ def test_hf_callback_warns_when_a_resumed_run_has_no_report(tmp_path: Path, capl
 
 def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    ScaleEqualizationCallback = _hf_callback()
-    callback, after = ScaleEqualizationCallback(num_batches=2), _hf_recorder()
+    after = _hf_recorder()
     model = copy.deepcopy(hf_run.model)  # the mark survives deepcopy
     state = state_of(model)
+    trainer, callback = _hf_equalizing(model, tmp_path, [], [after])
     with caplog.at_level(logging.INFO, logger="fxeq"):
-        _hf_trainer(model, tmp_path, [callback, after]).train()
+        trainer.train()
     assert callback.report is None
     assert "not equalizing again: conv decode_head.linear_fuse was already equalized by fxeq" in caplog.text
     _assert_same(after.state, state)
@@ -310,9 +327,11 @@ def _pl_callback() -> Any:
     return importlib.import_module("fxeq.integrations.lightning").ScaleEqualization
 
 
-def _seg_module(forward: bool = True) -> Any:
-    """A LightningModule around models.Chained (two chained sites), its forward optional."""
+def _seg_module(forward: bool = True, marks: bool = False) -> Any:
+    """A LightningModule around models.Chained (two chained sites), its forward optional; with ``marks``, its
+    on_load_checkpoint calls fxeq's mark_if_equalized."""
     pl = _lightning()
+    mark_if_equalized = importlib.import_module("fxeq.integrations.lightning").mark_if_equalized
 
     class Seg(pl.LightningModule):
         def __init__(self) -> None:
@@ -332,7 +351,11 @@ def _seg_module(forward: bool = True) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
 
-    return SegWithForward() if forward else Seg()
+    class SegMarking(SegWithForward):
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            mark_if_equalized(self, checkpoint)
+
+    return SegMarking() if marks else SegWithForward() if forward else Seg()
 
 
 def _pl_loader() -> DataLoader:
@@ -507,14 +530,15 @@ def test_lightning_refuses_sharded_training(tmp_path: Path) -> None:
 
 
 def test_lightning_remote_checkpoint_folder_keeps_the_report_in_checkpoints(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ScaleEqualization = _pl_callback()
     callback = ScaleEqualization(calib_loader=batches(size=16))
     trainer = _fake_trainer(tmp_path, checkpoint_callback=SimpleNamespace(dirpath="s3://bucket/run"))
-    with caplog.at_level(logging.INFO, logger="fxeq"):
-        callback.on_train_start(trainer, _seg_module())
-    assert "the checkpoint folder is not a local path; the report is kept in the checkpoints only" in caplog.text
+    callback.on_train_start(trainer, _seg_module())
+    _assert_one_summary_line(capsys.readouterr().out, callback.state_dict()["report"],
+                             "in the checkpoints only (callback state 'ScaleEqualization'): the checkpoint folder "
+                             "s3://bucket/run is not a local path")
     assert callback.state_dict()["report"]["sites"]
     assert not list(tmp_path.iterdir())
 
@@ -548,7 +572,7 @@ def test_callbacks_check_their_arguments(framework: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# One convention for "equalized", and the statistics in the training logger
+# One convention for "equalized"
 # ---------------------------------------------------------------------------
 
 
@@ -574,43 +598,6 @@ def test_a_model_loaded_from_an_equalized_folder_is_refused(hf_run: SimpleNamesp
         fxeq.transform(model, [{"pixel_values": torch.randn(2, 3, 32, 32)}])
 
 
-def test_hf_callback_logs_its_statistics_like_any_logged_value(hf_run: SimpleNamespace) -> None:
-    T = pytest.importorskip("transformers")
-    ScaleEqualizationCallback = _hf_callback()
-
-    class Logs(T.TrainerCallback):
-        def __init__(self) -> None:
-            self.logs: list[dict[str, float]] = []
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            self.logs.append(dict(logs or {}))
-
-    logs = Logs()  # placed before the callback, as the Trainer places its reporting integrations
-    trainer = _hf_trainer(_segformer(seed=0), hf_run.out.parent / "logged", [logs, ScaleEqualizationCallback(2)])
-    trainer.train()
-    first = logs.logs[0]
-    assert first["fxeq/decode_head.linear_fuse/std_max_over_min"] > 1
-    assert {f"fxeq/decode_head.linear_fuse/input_{k}_std" for k in range(4)} <= first.keys()
-    assert any("fxeq/decode_head.linear_fuse/std_max_over_min" in entry for entry in trainer.state.log_history)
-
-
-def test_lightning_callback_statistics_reach_a_csv_logger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pl = _lightning()
-    from lightning.pytorch.loggers import CSVLogger
-
-    ScaleEqualization = _pl_callback()
-    logger = CSVLogger(tmp_path, name="run")
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                         callbacks=[ScaleEqualization(num_batches=2)])
-    trainer.fit(_seg_module(), _pl_loader())
-    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"fxeq/net.fuse1/std_max_over_min", "fxeq/net.fuse1/input_0_std", "fxeq/net.fuse2/input_1_std"} <= set(header)
-    out = capsys.readouterr().out
-    assert "fxeq: equalized 2 fusion sites before the first optimizer step (mode init; input std max/min divided " \
-           "out: net.fuse1 " in out and f"report: {tmp_path / 'fxeq.json'}" in out
-
-
 def test_an_equalized_lightning_checkpoint_is_not_converted_again(pl_run: SimpleNamespace, tmp_path: Path) -> None:
     from cli_models import assert_fails, run_main
 
@@ -626,3 +613,266 @@ def test_an_equalized_lightning_checkpoint_is_not_converted_again(pl_run: Simple
     assert_fails(result, 2, f"{checkpoint} was already equalized by fxeq: it holds the report of fxeq's "
                  "ScaleEqualization callback")
     assert not (tmp_path / "again.pt").exists()
+
+
+# ---------------------------------------------------------------------------
+# Where the weights come from: what fxeq can and cannot tell
+# ---------------------------------------------------------------------------
+
+
+def _hf_begin(callback: Any, model: nn.Module, output_dir: Path, **args: Any) -> SimpleNamespace:
+    """Call on_train_begin as a Trainer would at step 0, with the arguments the callback reads; the state."""
+    options = {"deepspeed": None, "fsdp": None, "output_dir": str(output_dir), "disable_tqdm": True,
+               "world_size": 1, "report_to": [], **args}
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
+    callback.on_train_begin(SimpleNamespace(**options), state, None, model=model,
+                            train_dataloader=[{"pixel_values": torch.randn(2, 3, 32, 32)} for _ in range(2)])
+    return state
+
+
+def test_hf_callback_warns_when_it_cannot_look_where_the_weights_come_from(
+    hf_run: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    T = pytest.importorskip("transformers")
+    ScaleEqualizationCallback = _hf_callback()
+    monkeypatch.chdir(hf_run.out)
+    model = T.SegformerForSemanticSegmentation.from_pretrained("checkpoint-1", local_files_only=True)
+    assert model.name_or_path == "checkpoint-1"
+    callback = ScaleEqualizationCallback()
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _hf_begin(callback, model, tmp_path / "here")
+    assert callback.report is None, "from where the relative path resolves, its fxeq.json is found"
+    assert "not equalizing again: SegformerForSemanticSegmentation was loaded from checkpoint-1, which fxeq " \
+           "already equalized" in caplog.text
+    caplog.clear()
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _hf_begin(callback, model, tmp_path / "elsewhere")
+    assert callback.report is not None, "fxeq cannot tell: it equalizes, saying so"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        f"fxeq: SegformerForSemanticSegmentation was loaded from 'checkpoint-1', which is not a folder here (a Hub "
+        f"id, or a relative path that does not resolve from {tmp_path}), so fxeq cannot tell whether these "
+        "weights were already equalized: only a local folder holding fxeq.json says so. Equalizing them now. If "
+        "they come from a folder that fxeq or this callback equalized, their fusing convs end up divided twice: "
+        "load them from that folder by a path that resolves, or train without ScaleEqualizationCallback."
+    )
+
+
+@pytest.mark.parametrize("source, warns", [
+    ("nvidia/mit-b0", True),  # a Hub id
+    ("", False),  # built from a config
+    ("plain", False),  # a local folder that fxeq never equalized
+])
+def test_hf_callback_warns_only_where_the_origin_is_unknown(source: str, warns: bool, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain").mkdir()
+    model = _segformer(seed=0)
+    model.name_or_path = source
+    callback = ScaleEqualizationCallback()
+    with caplog.at_level(logging.WARNING, logger="fxeq"):
+        _hf_begin(callback, model, tmp_path / "out")
+    assert callback.report is not None
+    assert ("cannot tell whether these weights were already equalized" in caplog.text) == warns
+    if warns:
+        assert f"was loaded from {source!r}, which is not a folder here" in caplog.text
+
+
+def test_lightning_module_marked_on_load_is_not_equalized_again(pl_run: SimpleNamespace, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualization = _pl_callback()
+    checkpoint = tmp_path / "step1.ckpt"
+    pl_run.trainer.save_checkpoint(checkpoint)
+    module = type(_seg_module(marks=True)).load_from_checkpoint(checkpoint)  # on_load_checkpoint marks it
+    state = state_of(module)
+    callback, after = ScaleEqualization(num_batches=2), _pl_recorder()
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _pl_trainer(tmp_path / "fresh", [callback, after]).fit(module, _pl_loader())  # no ckpt_path
+    assert callback.report is None
+    assert "not equalizing again: conv net.fuse1 was already equalized by fxeq" in caplog.text
+    _assert_same(after.state, state)
+
+
+@pytest.mark.parametrize("earlier_report", [True, False])
+def test_lightning_module_loaded_without_the_mark_is_equalized_again(
+    earlier_report: bool, pl_run: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_from_checkpoint leaves no trace in the weights: equalized again, with a warning where an earlier
+    report lies where this run writes its own (the negative twin: nothing to suspect, no warning)."""
+    ScaleEqualization = _pl_callback()
+    checkpoint = tmp_path / "step1.ckpt"
+    pl_run.trainer.save_checkpoint(checkpoint)
+    module = type(_seg_module()).load_from_checkpoint(checkpoint)
+    root = tmp_path / "run"
+    root.mkdir()
+    if earlier_report:
+        (root / "fxeq.json").write_text((pl_run.root / "fxeq.json").read_text())
+    callback = ScaleEqualization(num_batches=2)
+    with caplog.at_level(logging.INFO, logger="fxeq"):
+        _pl_trainer(root, [callback]).fit(module, _pl_loader())
+    assert callback.report is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if not earlier_report:
+        assert warnings == []
+        return
+    assert warnings == [
+        f"fxeq: {root / 'fxeq.json'} holds the report of an earlier equalization, and fxeq cannot tell from the "
+        "weights alone whether this module's were already equalized: a module that load_from_checkpoint built "
+        "from an equalized checkpoint carries no mark. Equalizing it now and replacing that report. If its "
+        "weights come from such a checkpoint, resume that run with trainer.fit(..., ckpt_path=...) instead, or "
+        "call fxeq.integrations.lightning.mark_if_equalized(self, checkpoint) in the module's on_load_checkpoint."
+    ]
+    assert json.loads((root / "fxeq.json").read_text()) == callback.state_dict()["report"]
+
+
+def test_mark_if_equalized_marks_the_convs_the_report_names(tmp_path: Path) -> None:
+    ScaleEqualization = _pl_callback()
+    from fxeq.integrations.lightning import mark_if_equalized
+
+    assert mark_if_equalized(_seg_module(), {"state_dict": {}}) is False
+    callback = ScaleEqualization(submodule="net", calib_loader=batches(size=16))
+    callback.on_train_start(_fake_trainer(tmp_path), _seg_module(forward=False))
+    checkpoint = {"state_dict": {}, "callbacks": {callback.state_key: callback.state_dict()}}
+    fresh = _seg_module(forward=False)
+    assert mark_if_equalized(fresh, checkpoint) is True
+    with pytest.raises(fxeq.AlreadyEqualizedError, match="conv fuse1 was already equalized by fxeq"):
+        fxeq.transform(fresh.net, batches(size=16))
+    with pytest.raises(ValueError, match=r"the checkpoint holds fxeq's report for fusing convs that Module lacks: "
+                       r"net\.fuse1, net\.fuse2; expected the module the checkpoint was saved from\. Call "
+                       r"mark_if_equalized\(self, checkpoint\) from that LightningModule's on_load_checkpoint"):
+        mark_if_equalized(nn.Module(), checkpoint)
+
+
+# ---------------------------------------------------------------------------
+# The statistics in the training loggers, and one line on the console
+# ---------------------------------------------------------------------------
+
+
+def _expected_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """From the JSON report: per site (its first fusing conv), max/min input std and each input's std."""
+    expected: dict[str, float] = {}
+    for site in report["sites"]:
+        name = f"fxeq/{site['convs'][0]['module']}"
+        stds = [inp["std"] for inp in site["inputs"]]
+        expected[f"{name}/std_max_over_min"] = max(stds) / min(stds)
+        expected.update({f"{name}/input_{inp['index']}_std": inp["std"] for inp in site["inputs"]})
+    return expected
+
+
+def _assert_one_summary_line(text: str, report: dict[str, Any], where: str | Path) -> None:
+    """Exactly one console line mentions fxeq: the summary, with the largest std ratio of the JSON report."""
+    lines = [line for line in text.splitlines() if "fxeq" in line]
+    assert len(lines) == 1, lines
+    ratios = {}
+    for site in report["sites"]:
+        stds = [inp["std"] for inp in site["inputs"]]
+        ratios[site["convs"][0]["module"]] = max(stds) / min(stds)
+    worst = max(ratios, key=lambda conv: ratios[conv])
+    sites = len(report["sites"])
+    pattern = (rf"fxeq: equalized {sites} fusion sites? in \d+\.\d s before the first optimizer step \(mode init\); "
+               rf"largest/smallest input std before: {ratios[worst]:.2f} \({re.escape(worst)}\); "
+               rf"report: {re.escape(str(where))}")
+    assert re.fullmatch(pattern, lines[0]), lines[0]
+
+
+class _PixelNet(nn.Module):
+    """A Trainer-ready two-branch net: ``fuse(cat(a(x), up(b(pool(x)))))``, loss when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fuse = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        b = F.interpolate(self.b(F.avg_pool2d(pixel_values, 2)), scale_factor=2.0)
+        logits = self.fuse(torch.cat([self.a(pixel_values), b], 1))
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels)}
+
+
+def test_hf_callback_statistics_reach_the_reporting_callbacks_and_the_log_history(hf_run: SimpleNamespace) -> None:
+    expected = _expected_scalars(json.loads((hf_run.out / "fxeq.json").read_text()))
+    assert len(expected) == 5  # Segformer: one site, four inputs
+    for recorder in (hf_run.before, hf_run.after):  # a reporting integration sits before the callback
+        logged = [entry for entry in recorder.logs if any(key.startswith("fxeq/") for key in entry)]
+        assert logged == [{**expected, "step": 0, "model": True}]
+    assert hf_run.trainer.state.log_history[0] == {**expected, "step": 0}
+    saved = json.loads((hf_run.out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert saved["log_history"][0] == {**expected, "step": 0}
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False], ids=["PrinterCallback", "ProgressCallback"])
+def test_hf_callback_prints_one_line(disable_tqdm: bool, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    recorder = _hf_recorder()
+    trainer, callback = _hf_equalizing(_PixelNet(), tmp_path, [recorder], [], disable_tqdm=disable_tqdm,
+                                       logging_strategy="steps", logging_steps=1)
+    trainer.train()
+    out, err = capfd.readouterr()
+    report = json.loads((tmp_path / "fxeq.json").read_text())
+    _assert_one_summary_line(out + err, report, tmp_path / "fxeq.json")
+    assert "'loss'" in out, "the console printer still prints the Trainer's own logs"
+    assert [entry for entry in recorder.logs if "fxeq/fuse/std_max_over_min" in entry]
+
+
+@pytest.mark.parametrize("report_to, warns", [(["tensorboard", "wandb"], True), ([], False)])
+def test_hf_callback_without_its_trainer_logs_to_the_history_only(report_to: list[str], warns: bool, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    callback = ScaleEqualizationCallback()
+    with caplog.at_level(logging.WARNING, logger="fxeq"):
+        state = _hf_begin(callback, _PixelNet(), tmp_path, report_to=report_to)
+    expected = _expected_scalars(json.loads((tmp_path / "fxeq.json").read_text()))
+    assert state.log_history == [{**expected, "step": 0}]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ([
+        "fxeq: ScaleEqualizationCallback was built without trainer=, so its statistics are in state.log_history "
+        "(trainer_state.json) but did not reach the reporting integrations ['tensorboard', 'wandb']. Build it as "
+        "trainer.add_callback(ScaleEqualizationCallback(trainer=trainer, ...))."
+    ] if warns else [])
+
+
+def test_hf_callback_takes_the_trainer_that_runs_it(tmp_path: Path) -> None:
+    ScaleEqualizationCallback = _hf_callback()
+    with pytest.raises(TypeError, match=r"ScaleEqualizationCallback\(trainer=\.\.\.\) takes the transformers\.Trainer "
+                       r"that runs it; got SimpleNamespace\. Build the Trainer first"):
+        ScaleEqualizationCallback(trainer=SimpleNamespace())
+    other = _hf_trainer(_PixelNet(), tmp_path / "other", [])
+    trainer = _hf_trainer(_PixelNet(), tmp_path / "run", [])
+    trainer.add_callback(ScaleEqualizationCallback(trainer=other))
+    with pytest.raises(ValueError, match=r"ScaleEqualizationCallback\(trainer=\.\.\.\) was given a Trainer that does "
+                       r"not run this callback.*trainer\.add_callback\(ScaleEqualizationCallback\(trainer=trainer\)\)"):
+        trainer.train()
+
+
+def test_lightning_callback_statistics_reach_a_csv_logger(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pl = _lightning()
+    from lightning.pytorch.loggers import CSVLogger
+
+    ScaleEqualization = _pl_callback()
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         log_every_n_steps=1, callbacks=[ScaleEqualization(num_batches=2)])
+    trainer.fit(_seg_module(), _pl_loader())
+    report = json.loads((tmp_path / "fxeq.json").read_text())
+    expected = _expected_scalars(report)
+    assert len(expected) == 6  # Chained: two sites of two inputs
+    with (Path(logger.log_dir) / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    [logged] = [row for row in rows if row["fxeq/net.fuse1/std_max_over_min"]]
+    assert {key for key in logged if key.startswith("fxeq/")} == expected.keys()
+    assert {key: float(logged[key]) for key in expected} == expected
+    assert logged["step"] == "0"
+    out, err = capfd.readouterr()
+    _assert_one_summary_line(out + err, report, tmp_path / "fxeq.json")
+
+
+def test_first_batches_have_a_length_where_the_loader_has_one() -> None:
+    from fxeq.integrations import _FirstBatches
+
+    assert len(_FirstBatches([1, 2, 3], 2)) == 2 and len(_FirstBatches([1], None)) == 1
+    with pytest.raises(TypeError, match=r"list_iterator has no len\(\)"):
+        len(_FirstBatches(iter([1, 2]), 2))
+    assert list(_FirstBatches(iter([1, 2, 3]), 2)) == [1, 2]

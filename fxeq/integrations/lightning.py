@@ -37,7 +37,7 @@ Example:
     ...                      enable_progress_bar=False, enable_model_summary=False,
     ...                      default_root_dir=tempfile.mkdtemp(), callbacks=[equalize])
     >>> trainer.fit(Seg(), DataLoader(data, batch_size=4))  # doctest: +ELLIPSIS
-    fxeq: equalized 1 fusion site before the first optimizer step (mode init; input std max/min divided out: fuse ...
+    fxeq: equalized 1 fusion site in ... s before the first optimizer step (mode init); largest/smallest input std ...
     >>> [c.weight for s in equalize.report.search.sites for c in s.convs]
     ['fuse.weight']
 """
@@ -51,24 +51,20 @@ from typing import Any
 
 from torch import nn
 
-try:
-    import lightning.pytorch as pl
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-except ImportError as e:
-    raise ImportError(
-        "fxeq.integrations.lightning needs Lightning (lightning.pytorch); install it with: "
-        "pip install -e '.[lightning]'"
-    ) from e
-
+from .._model import resolve_owner
 from ..batches import InputFn
 from ..capturing import FrontendChoice
 from ..errors import CaptureError
 from ..modes import Mode
-from ..report import Report
-from ..report import FOLDER_REPORT, write_report
-from . import _check_options, _equalize, scalars, summary
+from ..report import FOLDER_REPORT, Report, write_report
+from ..rewrite import mark_folded
+from . import _check_options, _equalize, _print_line, _requires, lightning_checkpoint_report, scalars, summary
 
-__all__ = ["ScaleEqualization"]
+with _requires(__name__, "Lightning (lightning.pytorch)", "lightning"):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+__all__ = ["ScaleEqualization", "mark_if_equalized"]
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +89,12 @@ class ScaleEqualization(pl.Callback):
 
     Nothing is done when training resumes from a checkpoint (global step
     above 0, or a checkpoint holding this callback's report) or when fxeq
-    already equalized the model (``fit`` called twice); a log line says so.
+    already equalized the model (``fit`` called twice, or a module whose
+    ``on_load_checkpoint`` calls :func:`mark_if_equalized`); a log line says
+    so. A module that ``load_from_checkpoint`` built from an equalized
+    checkpoint carries no other trace: fxeq cannot tell it from a fresh one
+    and equalizes it again, with a warning where an earlier run's report
+    lies where this run's goes.
 
     Args:
         num_batches: calibrate on at most this many batches per pass; None for
@@ -167,11 +168,13 @@ class ScaleEqualization(pl.Callback):
         if restored and resumed_at == 0:
             _logger.info("fxeq: the checkpoint being resumed records fxeq's report; not equalizing again.")
             return
+        path = self._report_file(trainer)
         try:
             report = _equalize(
                 model, loader, resumed_at=resumed_at, num_batches=self.num_batches, input_fn=self.input_fn,
                 mode=self.mode, keep_norm=self.keep_norm, frontend=self.frontend, all_concats=self.all_concats,
                 progress=None if trainer.is_global_zero else False,
+                doubt=_earlier_report(path) if trainer.is_global_zero else None,
             )
         except CaptureError as e:
             if self.submodule is not None:
@@ -194,13 +197,12 @@ class ScaleEqualization(pl.Callback):
         for logger in getattr(trainer, "loggers", ()):  # CSV, TensorBoard, W&B...: rank zero only, by Lightning's rule
             logger.log_metrics(values, step=trainer.global_step)
         if trainer.is_global_zero:
-            path = self._report_file(trainer)
-            if path is None:
-                _logger.warning("fxeq: the checkpoint folder is not a local path; the report is kept in the "
-                                "checkpoints only (callback state %r)", self.state_key)
-            else:
+            if path is not None:
                 write_report(self._saved, path)
-            print(summary(report, path), flush=True)
+            where = path if path is not None else (
+                f"in the checkpoints only (callback state {self.state_key!r}): the checkpoint folder "
+                f"{self._checkpoint_folder(trainer)} is not a local path")
+            _print_line(summary(report, where))
 
     def state_dict(self) -> dict[str, Any]:
         """The report, saved in every checkpoint (so that a resumed run is not equalized again)."""
@@ -230,8 +232,76 @@ class ScaleEqualization(pl.Callback):
     def _report_file(self, trainer: pl.Trainer) -> Path | None:
         if self.report_path is not None:
             return Path(self.report_path)
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        return None if "://" in str(folder) else Path(folder) / FOLDER_REPORT
+        folder = self._checkpoint_folder(trainer)
+        return None if "://" in folder else Path(folder) / FOLDER_REPORT
+
+    @staticmethod
+    def _checkpoint_folder(trainer: pl.Trainer) -> str:
+        return str(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
+
+
+def mark_if_equalized(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
+    """Mark ``module`` as equalized if ``checkpoint`` holds :class:`ScaleEqualization`'s report.
+
+    Call it from your LightningModule's ``on_load_checkpoint``. A module that
+    ``load_from_checkpoint`` rebuilt from an equalized checkpoint carries no
+    trace of fxeq in its weights, so a later ``fit`` without ``ckpt_path``
+    would equalize it again; but Lightning first passes the whole checkpoint,
+    callback states included, to the module's ``on_load_checkpoint``. This
+    function finds the callback's report there and marks the fusing convs it
+    names as fxeq marks the convs it equalizes: the callback then leaves the
+    module alone, and ``fxeq.transform`` refuses it, as for a model equalized
+    in this process.
+
+    Args:
+        module: the LightningModule being loaded (where the callback had
+            ``submodule=``, the report's names are looked up in that
+            submodule of it).
+        checkpoint: the checkpoint dict ``on_load_checkpoint`` receives.
+
+    Returns:
+        Whether the checkpoint holds the report (and the module was marked).
+
+    Raises:
+        ValueError: the module has no conv at a path the report names.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fxeq
+        >>> from torch import nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+        ...     def forward(self, x):
+        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
+        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> checkpoint = {"callbacks": {"ScaleEqualization": {"report": fxeq.find(Net(), x).to_dict()}}}
+        >>> net = Net()
+        >>> mark_if_equalized(net, checkpoint)   # in Seg.on_load_checkpoint: mark_if_equalized(self, checkpoint)
+        True
+        >>> fxeq.transform(net, [x])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxeq.errors.AlreadyEqualizedError: conv fuse was already equalized by fxeq ...
+    """
+    found = lightning_checkpoint_report(checkpoint)
+    if found is None:
+        return False
+    report = Report.from_dict(found)
+    trainer = report.extra.get("trainer")
+    submodule = trainer.get("submodule") if isinstance(trainer, Mapping) else None
+    prefix = f"{submodule}." if submodule else ""
+    weights = {prefix + conv.weight: site.name for site in report.search.sites for conv in site.convs}
+    missing = [w.rpartition(".")[0] for w in weights if resolve_owner(module, w)[0] is None]
+    if missing:
+        raise ValueError(
+            f"the checkpoint holds fxeq's report for fusing convs that {type(module).__name__} lacks: "
+            f"{', '.join(missing)}; expected the module the checkpoint was saved from. Call "
+            "mark_if_equalized(self, checkpoint) from that LightningModule's on_load_checkpoint."
+        )
+    mark_folded([module], weights)
+    return True
 
 
 def _train_loader(trainer: pl.Trainer) -> Iterable[Any]:
@@ -247,6 +317,19 @@ def _train_loader(trainer: pl.Trainer) -> Iterable[Any]:
             "that feeds the segmentation network: ScaleEqualization(calib_loader=...)."
         )
     return loader
+
+
+def _earlier_report(path: Path | None) -> str | None:
+    """A warning when the report file of an earlier equalization lies where this run's goes."""
+    if path is None or not path.is_file():
+        return None
+    return (
+        f"fxeq: {path} holds the report of an earlier equalization, and fxeq cannot tell from the weights alone "
+        "whether this module's were already equalized: a module that load_from_checkpoint built from an "
+        "equalized checkpoint carries no mark. Equalizing it now and replacing that report. If its weights "
+        "come from such a checkpoint, resume that run with trainer.fit(..., ckpt_path=...) instead, or call "
+        "fxeq.integrations.lightning.mark_if_equalized(self, checkpoint) in the module's on_load_checkpoint."
+    )
 
 
 def _refuse_sharded_training(strategy: object) -> None:

@@ -131,3 +131,32 @@ def test_channel_moments_correct_the_shifts_rounding():
     assert count == 512 * 512
     torch.testing.assert_close(mean, expected_mean, rtol=0, atol=1e-6)  # uncorrected: 3e-4 off
     torch.testing.assert_close(m2, expected_m2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_channel_moments_when_the_shift_sample_is_far_from_the_mean(dtype):
+    """The shift comes from a sample of each row; a sample far off the mean (a constant border) must not matter."""
+    from fxeq.observe import channel_moments
+
+    g = torch.Generator().manual_seed(1)
+    offset, scale = (1e4, 1.0) if dtype == torch.float32 else (20.0, 3.0)
+    x = offset + scale * torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
+    x[0, :, :2, :] = 0.0  # the first rows of sample 0 are a zero border
+    x[:, :, :, ::2] = x[:, :, :, ::2] * 1.5  # the sampled columns differ from the others
+    values = x.to(dtype)
+    count, mean, m2 = channel_moments(values)
+    reference = values.double()
+    expected_mean = reference.mean(dim=(0, 2, 3))
+    expected_m2 = ((reference - expected_mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-7, atol=1e-6)
+    torch.testing.assert_close(m2, expected_m2, rtol=1e-5, atol=0)
+
+
+def test_channel_moments_of_a_channels_last_tensor():
+    from fxeq.observe import channel_moments
+
+    x = torch.randn(2, 5, 6, 7) * 3 + 2
+    expected = channel_moments(x)
+    count, mean, m2 = channel_moments(x.contiguous(memory_format=torch.channels_last))
+    assert count == expected[0]
+    torch.testing.assert_close((mean, m2), expected[1:], rtol=1e-6, atol=1e-6)

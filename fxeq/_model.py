@@ -209,7 +209,7 @@ def probe_inputs(signature: Mapping[str, Any], *, device: torch.device | None = 
     """
     generator = torch.Generator().manual_seed(seed)
 
-    def one(entry: Mapping[str, Any]) -> Any:
+    def one(entry: Mapping[str, Any], where: str) -> Any:
         if "shape" in entry:
             dtype = getattr(torch, str(entry["dtype"]))
             shape = [int(s) for s in entry["shape"]]
@@ -218,9 +218,12 @@ def probe_inputs(signature: Mapping[str, Any], *, device: torch.device | None = 
             return torch.zeros(shape, dtype=dtype, device=device)
         if "value" in entry:
             return entry["value"]
-        raise ValueError(f"an input of type {entry.get('type', '?')} was recorded by name only; it cannot be rebuilt")
+        raise ValueError(f"input {where} (of type {entry.get('type', '?')}) was recorded by name only, so no input "
+                         "like it can be built; pass example inputs")
 
     try:
-        return (tuple(one(a) for a in signature["args"]), {k: one(v) for k, v in signature["kwargs"].items()})
+        return (tuple(one(a, f"args[{k}]") for k, a in enumerate(signature["args"])),
+                {k: one(v, f"kwargs[{k!r}]") for k, v in signature["kwargs"].items()})
     except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"the recorded input signature is malformed ({type(e).__name__}: {e})") from e
+        raise ValueError(f"the recorded input signature is malformed ({type(e).__name__}: {e}); expected "
+                         "{'args': [...], 'kwargs': {...}} as input_signature writes it") from e

@@ -188,9 +188,11 @@ def _trace_concrete(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 
 FRONTENDS: dict[Frontend, _Frontend] = {
     "fx": _Frontend(_trace_fx, _fx_inputs, True, "fx needs a forward without data-dependent Python control flow"),
-    "export": _Frontend(_export, _leaves, True, "torch.export needs a forward it can export on the example batch"),
+    "export": _Frontend(_export, _leaves, True, "torch.export needs a forward without control flow on tensor "
+                        "values or ops it cannot trace (its message above says which)"),
     "concrete": _Frontend(_trace_concrete, _leaves, False,
-                          "the concrete trace needs a forward that runs eagerly on the example batch"),
+                          "the concrete trace needs a forward whose tensor ops make_fx can record (it runs them "
+                          "for real, so control flow is fine; see its message above)"),
 }
 """The capture frontends, by name: adding one is one entry here (and its name in :data:`fxeq.report.Frontend`)."""
 
@@ -290,7 +292,8 @@ def _run_eagerly(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             hint = (" An input is an integer tensor: image models take float tensors; convert them in the "
                     "loader or with input_fn (e.g. lambda b: b[0].float() / 255, then normalize).")
         raise CaptureError(
-            f"{type(model).__name__} does not run on the first calibration batch ({shapes}) in eval mode: "
+            f"{type(model).__name__} does not run on the example batch ({shapes}; fxeq.transform's first "
+            f"calibration batch) in eval mode: "
             f"{type(e).__name__}: {_first_line(e)}. fxeq captures the model on that batch, so it must be "
             f"a valid input: check its shape, dtype and device (some models need a larger input size).{hint}",
             stage="run",

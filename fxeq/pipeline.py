@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from ._model import Inputs, as_inputs, checked_model, input_signature, model_device_and_dtype
+from ._text import plural
 from .batches import CalibrationData, InputFn, batch_inputs, check_arguments
 from .calibration import Calibration, calibrate_sites
-from .capturing import Captured, Dynamic, FrontendChoice, FxEqGraphModule, capture
+from .capturing import FRONTENDS, Captured, Dynamic, FrontendChoice, FxEqGraphModule, capture
 from .errors import AlreadyEqualizedError, CaptureError, FxEqError, NoSiteWarning
 from .modes import Mode, check_mode
 from .observe import InputStats
@@ -433,16 +434,21 @@ def _no_deployable_graph(model: nn.Module, example: Inputs, error: CaptureError,
     except CaptureError as e:
         failures = {**error.failures, **e.failures}
         listed = "\n".join(f"  {n}: {t}" for n, t in failures.items())
+        needs = "; ".join(FRONTENDS[n].needs for n in failures if n in FRONTENDS)
         return CaptureError(
             f"could not capture {type(model).__name__} as a graph; tried fx, export and a concrete trace:\n{listed}"
-            "\nfx needs a forward without data-dependent Python control flow; torch.export needs a forward it "
-            "can export on the example batch; the concrete trace needs a forward that runs eagerly on it.",
-            stage="trace", failures=failures,
+            f"\n{needs}.", stage="trace", failures=failures,
         )
     found = find_sites(concrete.module, all_concats=all_concats, model=model)
+    if not found.sites:
+        return CaptureError(
+            f"{error}\nA concrete trace of one eager forward works but finds no fusion site in it, so fxeq would "
+            "not change this model anyway" + (f": {no_site_message(model, found)}" if found.skipped else "."),
+            stage="trace", failures=error.failures,
+        )
     return CaptureError(
-        f"{error}\nA concrete trace of one eager forward works and finds {len(found.sites)} fusion site(s), but "
-        "it is no graph to deploy. Pass inplace=True: fxeq then rewrites your model itself (its class, methods "
-        "and every input size) and needs no deployable graph.",
+        f"{error}\nA concrete trace of one eager forward works and finds {plural(len(found.sites), 'fusion site')}, "
+        "but it is no graph to deploy. Pass inplace=True: fxeq then rewrites your model itself (its class, "
+        "methods and every input size) and needs no deployable graph.",
         stage="trace", failures=error.failures,
     )

@@ -380,11 +380,12 @@ class Report:
         file = Path(path)
         file = file / FOLDER_REPORT if file.is_dir() else file
         try:
-            text = file.read_text()
+            text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is not a readable report ({type(e).__name__}: {e})") from e
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(f"{file} is not a readable report ({type(e).__name__}: {why})") from e
         try:
             return cls.from_json(text)
         except ValueError as e:

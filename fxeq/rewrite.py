@@ -97,7 +97,7 @@ def equalize(
     check_mode(mode, keep_norm)
     modules = [m for m in (graph, model) if m is not None]
     if not modules:
-        raise ValueError("equalize needs a graph or a model to write into")
+        raise ValueError("equalize needs a graph or a model to write into: pass graph=..., model=... or both")
     strategy = STRATEGIES[mode]
     new = dict(folded)
     notes: dict[str, list[str]] = {}

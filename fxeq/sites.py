@@ -681,7 +681,8 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Modul
         ('conv', 'conv.weight', 'conv.bias')
     """
     if not isinstance(gm, fx.GraphModule):
-        raise TypeError(f"find_sites expects a torch.fx.GraphModule, got {type(gm).__name__}")
+        raise TypeError(f"find_sites expects a torch.fx.GraphModule, got {type(gm).__name__}: capture it first "
+                        "(fxeq.capture(model, example).module), or call fxeq.find(model, example)")
     shared = _shared_parameters(gm)
     model_ties = _tied(model) if model is not None else {}
     sites: list[Site] = []

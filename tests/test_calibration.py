@@ -278,7 +278,7 @@ def test_input_fn_that_raises_names_the_batch() -> None:
 
 def test_uint8_batches_say_to_convert_to_float() -> None:
     data = [torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)]
-    with pytest.raises(fxeq.CaptureError, match=r"does not run on the first calibration batch \(uint8.*float"):
+    with pytest.raises(fxeq.CaptureError, match=r"does not run on the example batch \(uint8.*float"):
         fxeq.transform(TwoBranch(), data)
 
 
@@ -290,8 +290,9 @@ def test_meta_device_model_is_refused() -> None:
 
 
 def test_model_that_cannot_run_on_the_batch_says_so() -> None:
-    with pytest.raises(fxeq.CaptureError, match=r"TwoBranch does not run on the first calibration batch \(float32 "
-                                                r"\(2, 5, 16, 16\)\).*check its shape"):
+    with pytest.raises(fxeq.CaptureError, match=r"TwoBranch does not run on the example batch \(float32 "
+                                                r"\(2, 5, 16, 16\); fxeq\.transform's first calibration batch\).*check "
+                                                r"its shape"):
         fxeq.transform(TwoBranch(), [torch.randn(2, 5, 16, 16)])
 
 

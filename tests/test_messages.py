@@ -88,8 +88,11 @@ def _two_branch_report() -> dict[str, Any]:
 
 
 def test_probe_inputs_refuse_an_input_recorded_by_name_only() -> None:
-    with pytest.raises(ValueError, match=r"^an input of type Image was recorded by name only; it cannot be rebuilt$"):
+    with pytest.raises(ValueError, match=r"^input args\[0\] \(of type Image\) was recorded by name only, so no "
+                                         r"input like it can be built; pass example inputs$"):
         probe_inputs({"args": [{"type": "Image"}], "kwargs": {}})
+    with pytest.raises(ValueError, match=r"^input kwargs\['image'\] \(of type Image\) was recorded by name only"):
+        probe_inputs({"args": [], "kwargs": {"image": {"type": "Image"}}})
 
 
 @pytest.mark.parametrize(("signature", "found"), [
@@ -163,7 +166,7 @@ def test_a_model_only_the_concrete_trace_captures_says_to_pass_inplace() -> None
     before = state_of(model)
     with pytest.raises(fxeq.CaptureError, match=r"(?s)^could not capture Untraceable as a graph; tried fx, export:\n"
                                                 r".*\nA concrete trace of one eager forward works and finds 1 fusion "
-                                                r"site\(s\), but it is no graph to deploy\. Pass inplace=True: fxeq "
+                                                r"site, but it is no graph to deploy\. Pass inplace=True: fxeq "
                                                 r"then rewrites your model itself") as caught:
         fxeq.transform(model, batches(), progress=False)
     assert caught.value.stage == "trace" and set(caught.value.failures) == {"fx", "export"}
@@ -177,8 +180,10 @@ def test_a_model_no_frontend_captures_names_every_failure() -> None:
         r"  fx: TraceError: .*\n"
         r"  export: RuntimeError: this forward refuses to be recorded\n"
         r"  concrete: RuntimeError: this forward refuses to be recorded\n"
-        r"fx needs a forward without data-dependent Python control flow; torch\.export needs a forward it can "
-        r"export on the example batch; the concrete trace needs a forward that runs eagerly on it\.$"
+        r"fx needs a forward without data-dependent Python control flow; torch\.export needs a forward without "
+        r"control flow on tensor values or ops it cannot trace \(its message above says which\); the concrete "
+        r"trace needs a forward whose tensor ops make_fx can record \(it runs them for real, so control flow is "
+        r"fine; see its message above\)\.$"
     )) as caught:
         fxeq.transform(Opaque(), batches(1), progress=False)
     assert caught.value.stage == "trace" and set(caught.value.failures) == {"fx", "export", "concrete"}
@@ -191,24 +196,27 @@ def test_a_model_no_frontend_captures_names_every_failure() -> None:
 
 def test_export_alone_names_what_export_needs() -> None:
     with pytest.raises(fxeq.CaptureError, match=r"^could not capture Untraceable as a graph; tried export:\n  export: "
-                                                r".*\ntorch\.export needs a forward it can export on the example "
-                                                r"batch\.$"):
+                                                r".*\ntorch\.export needs a forward without control flow on "
+                                                r"tensor values or ops it cannot trace \(its message above says "
+                                                r"which\)\.$"):
         capture(Untraceable(), batches(1)[0], frontend="export")
 
 
 def test_the_concrete_trace_alone_names_what_it_needs() -> None:
     with pytest.raises(fxeq.CaptureError, match=r"^could not capture Opaque as a graph; tried concrete:\n"
                                                 r"  concrete: RuntimeError: this forward refuses to be recorded\n"
-                                                r"the concrete trace needs a forward that runs eagerly on the example "
-                                                r"batch\.$"):
+                                                r"the concrete trace needs a forward whose tensor ops make_fx can "
+                                                r"record \(it runs them for real, so control flow is fine; see its "
+                                                r"message above\)\.$"):
         capture(Opaque(), batches(1)[0], frontend="concrete", deployable=False)
     assert capture(Untraceable(), batches(1)[0], frontend="concrete", deployable=False).frontend == "concrete"
 
 
 def test_an_integer_input_gets_the_hint_to_convert_it() -> None:
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    with pytest.raises(fxeq.CaptureError, match=r"TwoBranch does not run on the first calibration batch \(uint8 "
-                                                r"\(2, 3, 16, 16\)\) in eval mode: .* An input is an integer tensor: "
+    with pytest.raises(fxeq.CaptureError, match=r"TwoBranch does not run on the example batch \(uint8 "
+                                                r"\(2, 3, 16, 16\); fxeq\.transform's first calibration batch\) in eval "
+                                                r"mode: .* An input is an integer tensor: "
                                                 r"image models take float tensors; convert them in the loader or with "
                                                 r"input_fn \(e\.g\. lambda b: b\[0\]\.float\(\) / 255, then "
                                                 r"normalize\)\.$"):
@@ -216,14 +224,15 @@ def test_an_integer_input_gets_the_hint_to_convert_it() -> None:
 
 
 def test_a_float_input_that_fails_gets_no_integer_hint() -> None:
-    with pytest.raises(fxeq.CaptureError, match=r"does not run on the first calibration batch") as caught:
+    with pytest.raises(fxeq.CaptureError, match=r"does not run on the example batch") as caught:
         fxeq.find(TwoBranch(), torch.zeros(2, 5, 16, 16))
     assert "integer tensor" not in str(caught.value)
 
 
 def test_an_error_without_a_message_is_named_so() -> None:
-    with pytest.raises(fxeq.CaptureError, match=r"^Silent does not run on the first calibration batch \(float32 "
-                                                r"\(2, 3, 16, 16\)\) in eval mode: RuntimeError: \(no message\)\. fxeq "
+    with pytest.raises(fxeq.CaptureError, match=r"^Silent does not run on the example batch \(float32 "
+                                                r"\(2, 3, 16, 16\); fxeq\.transform's first calibration batch\) in "
+                                                r"eval mode: RuntimeError: \(no message\)\. fxeq "
                                                 r"captures the model on that batch"):
         fxeq.find(Silent(), batches(1, batch=2)[0])
 
@@ -271,9 +280,10 @@ def test_apply_names_a_probe_it_cannot_build() -> None:
     data["example"] = {"args": [{"type": "Image"}], "kwargs": {}}
     model = TwoBranch()
     before = state_of(model)
-    with pytest.raises(fxeq.FxEqError, match=r"^cannot build a probe batch from the report's input shapes \(an input "
-                                             r"of type Image was recorded by name only; it cannot be rebuilt\); pass "
-                                             r"example_inputs=batch to fxeq\.apply$"):
+    with pytest.raises(fxeq.FxEqError, match=r"^cannot build a probe batch from the report's input shapes \(input "
+                                             r"args\[0\] \(of type Image\) was recorded by name only, so no input like "
+                                             r"it can be built; pass example inputs\); pass example_inputs=batch to "
+                                             r"fxeq\.apply$"):
         apply(model, data)
     assert same_state(model, before)
     apply(model, data, example_inputs=batches(1)[0])  # as the message says
@@ -283,8 +293,8 @@ def test_apply_names_example_inputs_it_cannot_capture_the_model_on() -> None:
     model = TwoBranch()
     before = state_of(model)
     with pytest.raises(fxeq.FxEqError, match=r"(?s)^could not capture the model to check that it concatenates the "
-                                             r"report's channel slices: TwoBranch does not run on the first "
-                                             r"calibration batch \(float32 \(2, 5, 16, 16\)\).*\nPass "
+                                             r"report's channel slices: TwoBranch does not run on the example "
+                                             r"batch \(float32 \(2, 5, 16, 16\);.*\nPass "
                                              r"example_inputs=batch with a batch the model takes\.$"):
         apply(model, _two_branch_report(), example_inputs=torch.zeros(2, 5, 16, 16))
     assert same_state(model, before)
@@ -355,11 +365,12 @@ def test_from_dict_names_the_malformed_part(key: str, value: Any, where: str, er
 
 
 def test_equalize_needs_somewhere_to_write() -> None:
-    with pytest.raises(ValueError, match=r"^equalize needs a graph or a model to write into$"):
+    with pytest.raises(ValueError, match=r"^equalize needs a graph or a model to write into: pass graph=\.\.\., model=\.\.\. or both$"):
         equalize([], {}, {}, {})
 
 
 def test_find_sites_refuses_an_eager_model() -> None:
-    with pytest.raises(TypeError, match=r"^find_sites expects a torch\.fx\.GraphModule, got TwoBranch$"):
+    with pytest.raises(TypeError, match=r"^find_sites expects a torch\.fx\.GraphModule, got TwoBranch: capture it first "
+                                        r"\(fxeq\.capture\(model, example\)\.module\), or call fxeq\.find\(model, example\)$"):
         find_sites(TwoBranch())  # type: ignore[arg-type]
     assert find_sites(capture(TwoBranch(), batches(1)[0]).module).sites  # the negative twin

@@ -1,10 +1,13 @@
 """Ultralytics YOLO necks and RT-DETR: the sites the yaml describes, and weights against an oracle.
 
-Models are built from their yaml with random weights (``YOLO_OFFLINE=1``; nothing downloads). In each neck,
-``nn.Upsample(None, 2, "nearest")`` feeds a ``Concat`` (ultralytics/nn/modules/conv.py:643) whose output the
-next block's ``cv1`` reads (C2f / C3k2: nn/modules/block.py:307; RepC3 reads it with ``cv1`` and ``cv2``,
-block.py:384-391): two sites on the n-size models. The weights are checked against
-:func:`models.reference_equalize`, which shares no code with fxeq.
+Models are built from their yaml with random weights (``YOLO_OFFLINE=1`` and a temporary settings folder; nothing
+downloads, nothing is written to the user's config). In each neck (the yaml's ``head:``),
+``nn.Upsample(None, 2, "nearest")`` feeds a ``Concat`` (ultralytics/nn/modules/conv.py, ``Concat.forward``:
+``torch.cat(x, self.d)``, line 643) whose output the next block's ``cv1`` reads (``C2f.forward`` and ``C3k2``,
+a C2f: nn/modules/block.py:311-315; ``RepC3.forward`` reads it with ``cv1`` and ``cv2``: block.py:389-391). Two
+such cats on the n-size models; the PAN cats that follow read a stride-2 Conv, no upsampling, and are no sites.
+Line numbers are Ultralytics 8.4.190's. The weights are checked against :func:`models.reference_equalize`,
+which shares no code with fxeq.
 """
 
 from __future__ import annotations
@@ -25,12 +28,23 @@ tasks = pytest.importorskip("ultralytics.nn.tasks")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CASES = [
+    # cfg/models/v8/yolov8.yaml, head 33-39: Upsample, Concat [-1, 6], C2f (12); Upsample, Concat [-1, 4], C2f (15)
     pytest.param("DetectionModel", "yolov8n.yaml", ["model.12.cv1.conv", "model.15.cv1.conv"], id="yolov8n"),
+    # v8/yolov8-seg.yaml 33-39: the same neck, a Segment head
     pytest.param("SegmentationModel", "yolov8n-seg.yaml", ["model.12.cv1.conv", "model.15.cv1.conv"],
                  id="yolov8n-seg"),
+    # v8/yolov8-pose.yaml 34-40: the same neck, a Pose head (PoseModel, nn/tasks.py:793)
+    pytest.param("PoseModel", "yolov8n-pose.yaml", ["model.12.cv1.conv", "model.15.cv1.conv"], id="yolov8n-pose"),
+    # 11/yolo11.yaml 34-40: Upsample, Concat [-1, 6], C3k2 (13); Upsample, Concat [-1, 4], C3k2 (16)
     pytest.param("DetectionModel", "yolo11n.yaml", ["model.13.cv1.conv", "model.16.cv1.conv"], id="yolo11n"),
+    # 11/yolo11-seg.yaml 34-40
     pytest.param("SegmentationModel", "yolo11n-seg.yaml", ["model.13.cv1.conv", "model.16.cv1.conv"],
                  id="yolo11n-seg"),
+    # 11/yolo11-obb.yaml 34-40: the same neck, an OBB head (OBBModel, nn/tasks.py:656)
+    pytest.param("OBBModel", "yolo11n-obb.yaml", ["model.13.cv1.conv", "model.16.cv1.conv"], id="yolo11n-obb"),
+    # 26/yolo26.yaml 36-42: Upsample, Concat [-1, 6], C3k2 (13); Upsample, Concat [-1, 4], C3k2 (16); end2end head
+    pytest.param("DetectionModel", "yolo26n.yaml", ["model.13.cv1.conv", "model.16.cv1.conv"], id="yolo26n"),
+    # rt-detr/rtdetr-l.yaml 34-43: Upsample, Conv (input_proj), Concat [-2, -1], RepC3 (16); again, RepC3 (21)
     pytest.param("RTDETRDetectionModel", "rtdetr-l.yaml",
                  ["model.16.cv1.conv", "model.16.cv2.conv", "model.21.cv1.conv", "model.21.cv2.conv"], id="rtdetr-l"),
 ]

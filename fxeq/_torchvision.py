@@ -14,12 +14,24 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["TorchvisionError", "torchvision"]
+__all__ = ["TorchvisionError", "install_command", "torchvision"]
 
-_INSTALL = (
-    "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu "
-    "(both from one index; drop --index-url for CUDA builds)"
-)
+_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def install_command() -> str:
+    """The command that installs torchvision with the torch installed here, both from PyTorch's CPU wheel index.
+
+    torch keeps its version (without the local label such as ``+cu130``);
+    pip picks the torchvision built for it. Both are uninstalled first:
+    pip would otherwise keep builds whose version already matches.
+
+    Example:
+        >>> install_command().startswith("pip uninstall -y torch torchvision && pip install torch==")
+        True
+    """
+    version = torch.__version__.split("+")[0]
+    return f"pip uninstall -y torch torchvision && pip install torch=={version} torchvision --index-url {_CPU_INDEX}"
 
 
 class TorchvisionError(ImportError):
@@ -39,12 +51,26 @@ def torchvision(submodule: str = "") -> ModuleType:
     except ImportError as e:
         if isinstance(e, TorchvisionError):
             raise
-        problem = "is not installed" if e.name == "torchvision" else f"failed to import ({e})"
-        raise TorchvisionError(f"torchvision {problem}; fxeq needs it to read images and to build the demo "
-                               f"model. Install it with the torch you have (torch {torch.__version__}): "
-                               f"{_INSTALL}") from e
+        problem = "is not installed" if e.name == "torchvision" else f"failed to import ({_first_line(e)})"
+        raise TorchvisionError(
+            f"torchvision {problem}; fxeq needs it to read images and to build the demo model. Install it for the "
+            f"torch you have (torch {torch.__version__}), on a CPU: {install_command()} ({_for_cuda()})"
+        ) from e
     except RuntimeError as e:  # e.g. "operator torchvision::nms does not exist"
         raise TorchvisionError(
             f"torchvision cannot run beside torch {torch.__version__}: it was built for another torch "
-            f"({str(e).strip().splitlines()[0]}). Install the two together from one index: {_INSTALL}"
+            f"({_first_line(e)}). Install the two together from one index, on a CPU: {install_command()} "
+            f"({_for_cuda()})"
         ) from e
+
+
+def _for_cuda() -> str:
+    """How the command changes for a CUDA build: the index of torch's CUDA version (cu130 for CUDA 13.0)."""
+    cuda = torch.version.cuda
+    index = f"cu{cuda.replace('.', '')[:3]}" if cuda else "the cuXYZ of your CUDA version, e.g. cu126"
+    return f"for a CUDA build, replace cpu in the index with {index}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

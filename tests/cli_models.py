@@ -85,6 +85,25 @@ class SameResolution(TinyFuse):
         return self.head(F.relu(self.fuse(torch.cat([self.a(x), self.b(x)], 1))))
 
 
+class Pooled(nn.Module):
+    """ASPP's image pooling beside a full-resolution branch: batch norm on a 1x1 map, which needs 2 samples::
+
+        x ── a ─────────────────────────────────────────────────────┐
+        x ── global pool ── conv ── BN ── ReLU ── upsample to x ────┴─ cat ── fuse ── relu ── head
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _branch(4)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.fuse = nn.Conv2d(10, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear")
+        return self.head(F.relu(self.fuse(torch.cat([self.a(x), pooled], 1))))
+
+
 # ---------------------------------------------------------------------------
 # Running the command line
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from fxeq import files
 from fxeq.cli import hf, outputs
 from fxeq.cli.checkpoints import load_into, load_state_dict
 from fxeq.cli.outputs import check_not_converted, check_output, check_output_folder, save_converted
-from fxeq.report import FOLDER_REPORT, converted_report, report_path
+from fxeq.report import converted_report, report_path
 
 STATE = {"w": torch.arange(4.0)}
 DOUBLE_PERIOD = re.compile(r"(?<!\.)\.\.(?!\.)")  # "..", but not an ellipsis
@@ -374,7 +374,8 @@ def test_check_output_folder_accepts_a_new_folder_and_forced_model_or_empty_ones
                                  r"\(even with --force, it replaces folders only\)"),
     ("notes", ValueError, r"notes holds files but neither config\.json nor fxeq\.json: even with --force, fxeq "
                           r"replaces only folders that save_pretrained or fxeq wrote, or empty ones"),
-    ("missing/out", FileNotFoundError, r"the output folder .*missing does not exist; create it first"),
+    ("missing/out", FileNotFoundError, r"-o missing/out: the folder missing does not exist; create it first, or "
+                                       r"write into an existing folder"),
 ], ids=["suffix", "input", "link-to-input", "holds-the-input", "file-in-the-way", "not-a-model-folder", "no-parent"])
 def test_check_output_folder_refusals(
     output: str, error: type[Exception], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -1,10 +1,10 @@
 """The command line: convert, inspect, demo and every error path.
 
-Most runs are ``python -m fxeq`` subprocesses. Each costs an interpreter start
-and the torch import (a few seconds on 2 CPU cores), so the successful
-conversion is run once per module and several tests read its outputs. Tests
-that must reach inside a run (a file that appears meanwhile, a failing write)
-call :func:`fxeq.cli.main` in this process, through the ``fxeq`` fixture.
+Most runs call :func:`fxeq.cli.main` in this process (``run_main``, or the
+``cli`` fixture where the current folder matters): a ``python -m fxeq``
+subprocess costs an interpreter start and the torch import, a few seconds on
+2 CPU cores. The entry point itself runs as a subprocess in the successful
+conversion (once per module; several tests read its outputs) and the demo.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from cli_models import NoFuse, TinyFuse, assert_fails, run_cli, run_main
 from PIL import Image
 
 from fxeq import __version__, files
-from fxeq.cli import hf, main, outputs
+from fxeq.cli import main, outputs
 from fxeq.cli.images import generate_images
-from fxeq.report import FOLDER_REPORT, report_path
+from fxeq.report import report_path
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
 
@@ -176,7 +176,7 @@ def test_convert_accepts_wrapped_and_safetensors_checkpoints(
         else:  # Lightning: wrapped, and prefixed with the LightningModule's attribute name
             torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in tiny.items()}}, source)
     output = tmp_path / "out.safetensors"
-    result = run_cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", output, cwd=tmp_path)
+    result = run_main("convert", source, *MODEL, "--calib", images, *DATA, "-o", output)
     assert result.returncode == 0, result.stderr
     after = load(output)
     assert_equalized(tiny, after, json.loads((tmp_path / "out.safetensors.fxeq.json").read_text()))
@@ -189,9 +189,9 @@ def test_convert_refuses_a_pickled_module_unless_trusted(tmp_path: Path, images:
     source = tmp_path / "whole.pt"
     torch.save(model, source)
     args = ("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "out.pt")
-    assert_fails(run_cli(*args, cwd=tmp_path), 2, "pickled", "cli_models.TinyFuse", "runs code", "--trust-pickle")
+    assert_fails(run_main(*args), 2, "pickled", "cli_models.TinyFuse", "runs code", "--trust-pickle")
     assert not (tmp_path / "out.pt").exists()
-    result = run_cli(*args, "--trust-pickle", cwd=tmp_path)
+    result = run_main(*args, "--trust-pickle")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.pt.fxeq.json").read_text())
     assert_equalized(model.state_dict(), load(tmp_path / "out.pt"), report)
@@ -201,9 +201,9 @@ def test_convert_replaces_an_existing_output_with_force(ckpt: Path, images: Path
     output = tmp_path / "out.pt"
     output.write_bytes(b"old")
     args = ("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", output)
-    assert_fails(run_cli(*args, cwd=tmp_path), 2, "exists", "--force")
+    assert_fails(run_main(*args), 2, "exists", "--force")
     assert output.read_bytes() == b"old"
-    assert run_cli(*args, "--force", cwd=tmp_path).returncode == 0
+    assert run_main(*args, "--force").returncode == 0
     TinyFuse(classes=3).load_state_dict(load(output), strict=True)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -285,9 +285,9 @@ def test_convert_smp_upernet(tmp_path: Path, images: Path) -> None:
     state = smp.UPerNet(**kwargs).state_dict()
     source, output = tmp_path / "upernet.pt", tmp_path / "upernet.fxeq.safetensors"
     torch.save(state, source)
-    result = run_cli(
+    result = run_main(
         "convert", source, "--model", "segmentation_models_pytorch:UPerNet", "--model-kwargs", json.dumps(kwargs),
-        "--calib", images, "--size", "64", "--batch-size", "2", "-o", output, cwd=tmp_path,
+        "--calib", images, "--size", "64", "--batch-size", "2", "-o", output,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "upernet.fxeq.safetensors.fxeq.json").read_text())
@@ -302,9 +302,8 @@ def test_convert_smp_upernet(tmp_path: Path, images: Path) -> None:
 # ---------------------------------------------------------------------------
 
 def test_missing_checkpoint(tmp_path: Path, images: Path) -> None:
-    result = run_cli("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
-                     cwd=tmp_path)
-    assert_fails(result, 2, "nope.pt", "does not exist")
+    result = run_main("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt")
+    assert_fails(result, 2, f"checkpoint {tmp_path / 'nope.pt'} does not exist; pass the path of a state_dict")
 
 
 def test_a_folder_as_checkpoint(cli: Run, tmp_path: Path, images: Path) -> None:
@@ -322,8 +321,8 @@ def test_random_bytes_as_checkpoint(cli: Run, tmp_path: Path, images: Path) -> N
 
 
 def test_verbose_shows_the_traceback(tmp_path: Path, images: Path) -> None:
-    result = run_cli("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
-                     "--verbose", cwd=tmp_path)
+    result = run_main("convert", tmp_path / "nope.pt", *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
+                      "--verbose")
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "fxeq: error: " in result.stderr
 
@@ -333,26 +332,27 @@ def test_wrong_keys(tmp_path: Path, images: Path, tiny: dict[str, torch.Tensor])
     state["extra.weight"] = state.pop("head.weight")
     source = tmp_path / "tiny.pt"
     torch.save(state, source)
-    result = run_cli("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt", cwd=tmp_path)
+    result = run_main("convert", source, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt")
     assert_fails(result, 2, "does not fit TinyFuse", "missing keys: 1 (head.weight)",
                  "unexpected keys: 1 (extra.weight)", "--model-kwargs")
 
 
 def test_wrong_shapes(ckpt: Path, tmp_path: Path, images: Path) -> None:
-    result = run_cli("convert", ckpt, "--model", "cli_models:TinyFuse", "--calib", images, *DATA,
-                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    result = run_main("convert", ckpt, "--model", "cli_models:TinyFuse", "--calib", images, *DATA,
+                      "-o", tmp_path / "o.pt")
     assert_fails(result, 2, "does not fit TinyFuse", "size mismatch", "--model-kwargs")
 
 
 @pytest.mark.parametrize(
     ("files", "batch", "words"),
     [
-        ([], "2", ["found 0 images", "at least 2"]),
-        (["generated"], "2", ["found 1 image in", "at least 2"]),
-        (["generated", "generated"], "1", ["batch size must be at least 2", "batch normalization"]),
+        ([], "2", ["found 0 images in --calib ", "at least 2"]),
+        (["generated"], "2", ["found 1 image in --calib ", "at least 2"]),
+        (["generated", "generated"], "1", ["argument --batch-size: expected at least 2 images per batch, got '1'",
+                                           "batch normalization", "Pass --batch-size 2 or more"]),
         (["generated", "generated", "broken.png"], "2", ["broken.png is not a readable image", "save it again"]),
         (["generated", "generated", "a-truncated.png"], "2", ["a-truncated.png is not a readable image", "corrupt"]),
-        (["notes.txt"], "2", ["holds no jpg/jpeg/png/webp image, only other files: 1 .txt", "Convert"]),
+        (["notes.txt"], "2", ["--calib ", "holds no jpg/jpeg/png/webp image, only other files: 1 .txt", "Convert"]),
     ],
     ids=["no-images", "one-image", "batch-size-1", "broken-image", "truncated-image", "no-image-files"],
 )
@@ -367,15 +367,10 @@ def test_unusable_calibration_data(files: list[str], batch: str, words: list[str
         (calib / "a-truncated.png").write_bytes((calib / "generated-texture-000.png").read_bytes()[:300])
     if "notes.txt" in files:
         (calib / "notes.txt").write_text("")
-    result = run_cli("convert", ckpt, *MODEL, "--calib", calib, "--size", "32", "--batch-size", batch,
-                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    result = run_main("convert", ckpt, *MODEL, "--calib", calib, "--size", "32", "--batch-size", batch,
+                      "-o", tmp_path / "o.pt")
     assert_fails(result, 2, *words)
-
-
-def test_missing_calibration_folder(ckpt: Path, tmp_path: Path) -> None:
-    result = run_cli("convert", ckpt, *MODEL, "--calib", tmp_path / "nowhere", *DATA, "-o", tmp_path / "o.pt",
-                     cwd=tmp_path)
-    assert_fails(result, 2, "nowhere", "does not exist")
+    assert not (tmp_path / "o.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -389,18 +384,13 @@ def test_missing_calibration_folder(ckpt: Path, tmp_path: Path) -> None:
     ids=["unknown-module", "unknown-callable", "bad-json", "bad-kwargs"],
 )
 def test_bad_model_arguments(model: list[str], words: list[str], ckpt: Path, tmp_path: Path, images: Path) -> None:
-    result = run_cli("convert", ckpt, *model, "--calib", images, *DATA, "-o", tmp_path / "o.pt", cwd=tmp_path)
+    result = run_main("convert", ckpt, *model, "--calib", images, *DATA, "-o", tmp_path / "o.pt")
     assert_fails(result, 2, *words)
-
-
-def test_bad_output_suffix(ckpt: Path, tmp_path: Path, images: Path) -> None:
-    result = run_cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.onnx", cwd=tmp_path)
-    assert_fails(result, 2, "o.onnx", ".safetensors or .pt")
 
 
 def test_output_is_input(ckpt: Path, tmp_path: Path, images: Path) -> None:
     before = digest(ckpt)
-    result = run_cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", ckpt, "--force", cwd=tmp_path)
+    result = run_main("convert", ckpt, *MODEL, "--calib", images, *DATA, "-o", ckpt, "--force")
     assert_fails(result, 2, "is the input", "even with --force")
     assert digest(ckpt) == before
 
@@ -427,16 +417,15 @@ def test_a_link_to_a_converted_checkpoint_is_not_converted_again(
 
 
 def test_converted_checkpoint_is_not_converted_again(converted: dict[str, Any], images: Path, tmp_path: Path) -> None:
-    result = run_cli("convert", converted["output"], *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt",
-                     cwd=tmp_path)
+    result = run_main("convert", converted["output"], *MODEL, "--calib", images, *DATA, "-o", tmp_path / "o.pt")
     assert_fails(result, 2, "was already equalized by fxeq", "twice", "original checkpoint")
 
 
 def test_no_site_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) -> None:
     source = tmp_path / "nofuse.pt"
     torch.save(NoFuse().state_dict(), source)
-    result = run_cli("convert", source, "--model", "cli_models:NoFuse", "--calib", images, *DATA,
-                     "-o", tmp_path / "o.pt", cwd=tmp_path)
+    result = run_main("convert", source, "--model", "cli_models:NoFuse", "--calib", images, *DATA,
+                      "-o", tmp_path / "o.pt")
     assert_fails(result, 2, "found no fusion site in NoFuse", "nothing was written", "pass --all-concats")
     assert "fxeq: 0 sites" in result.stdout
     assert "calibrating on" not in result.stderr  # nothing was calibrated
@@ -447,9 +436,9 @@ def test_no_site_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) ->
 # inspect
 # ---------------------------------------------------------------------------
 
-def test_inspect_prints_sites_and_writes_nothing(ckpt: Path, tmp_path: Path, images: Path) -> None:
+def test_inspect_prints_sites_and_writes_nothing(ckpt: Path, cli: Run, tmp_path: Path, images: Path) -> None:
     before = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
-    result = run_cli("inspect", ckpt, *MODEL, "--calib", images, *DATA, cwd=tmp_path)
+    result = cli("inspect", ckpt, *MODEL, "--calib", images, *DATA)
     assert result.returncode == 0, result.stderr
     assert "calibrated" in result.stdout and "site cat -> fuse; std max/min" in result.stdout
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -466,6 +455,43 @@ def test_inspect_says_a_converted_checkpoint_is_one(converted: dict[str, Any], c
     assert "site cat -> fuse; std max/min" in result.stdout  # and the measurement, as for any checkpoint
 
 
+def test_inspect_says_a_lightning_checkpoint_equalized_by_the_callback_is_one(
+    converted: dict[str, Any], cli: Run, images: Path, tmp_path: Path
+) -> None:
+    """ScaleEqualization keeps its report in the callback state of every checkpoint (fxeq/integrations/lightning.py)."""
+    report = json.loads(report_path(converted["output"]).read_text())
+    report["trainer"] = {"framework": "lightning", "global_step": 0}
+    state = {f"model.{k}": v for k, v in load(converted["output"]).items()}
+    torch.save({"epoch": 1, "state_dict": state, "callbacks": {"ScaleEqualization": {"report": report}}},
+               tmp_path / "last.ckpt")
+    result = cli("inspect", "last.ckpt", *MODEL, "--calib", images, *DATA, "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "finding the fusion sites" not in result.stderr  # --quiet: no progress notes, but what the numbers mean
+    assert "fxeq: the checkpoint holds the report of fxeq's ScaleEqualization callback: it was equalized during " \
+           "training. The fusion inputs measured below are as the equalized model computes them." in result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["folded"] is False
+    assert [i["std"] for i in measured["sites"][0]["inputs"]] == pytest.approx(
+        [i["std"] for i in report["sites"][0]["inputs"]], rel=1e-4)  # the inputs, as the original computes them
+    result = cli("convert", "last.ckpt", *MODEL, "--calib", images, *DATA, "-o", "out.pt")
+    assert_fails(result, 2, "last.ckpt was already equalized by fxeq: it holds the report of fxeq's "
+                 "ScaleEqualization callback", "twice",
+                 "Use it as it is, or convert the checkpoint the run started from")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_inspect_of_a_checkpoint_whose_report_is_unreadable_says_so(
+    ckpt: Path, cli: Run, images: Path, tmp_path: Path
+) -> None:
+    report_path(ckpt).write_text("{not json")
+    result = cli("inspect", ckpt, *MODEL, "--calib", images, *DATA)
+    assert result.returncode == 0, result.stderr
+    assert f"fxeq: {ckpt} is a checkpoint equalized by fxeq ({report_path(ckpt)} lies beside it)" in result.stderr
+    assert f"  (the report could not be read: ValueError: {report_path(ckpt)}: the report text is not valid JSON" \
+           in result.stderr
+    assert "site cat -> fuse; std max/min" in result.stdout
+
+
 def test_inspect_counts_in_the_singular(cli: Run, tmp_path: Path) -> None:
     generate_images(tmp_path / "two", 2, size=32)
     result = cli("inspect", *MODEL, "--calib", tmp_path / "two", *DATA)
@@ -473,8 +499,8 @@ def test_inspect_counts_in_the_singular(cli: Run, tmp_path: Path) -> None:
     assert "calibrating on 2 images from " in result.stderr and "(32x32 RGB, 1 batch of up to 2, cpu)" in result.stderr
 
 
-def test_inspect_json(tmp_path: Path, images: Path) -> None:
-    result = run_cli("inspect", *MODEL, "--calib", images, *DATA, "--all-concats", "--json", cwd=tmp_path)
+def test_inspect_json(cli: Run, tmp_path: Path, images: Path) -> None:
+    result = cli("inspect", *MODEL, "--calib", images, *DATA, "--all-concats", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["folded"] is False and "checkpoint" not in report
@@ -529,7 +555,7 @@ def test_demo_runs_end_to_end_in_an_earlier_demo_folder(tmp_path: Path) -> None:
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    assert_fails(run_cli("demo", "--workdir", tmp_path, cwd=tmp_path), 2, "not made by fxeq demo", "--workdir")
+    assert_fails(run_main("demo", "--workdir", tmp_path), 2, "not made by fxeq demo", "--workdir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
@@ -595,7 +621,8 @@ def test_skip_reasons_in_the_table_name_the_flag(tmp_path: Path, images: Path) -
     result = run_main("inspect", tmp_path / "tiny.pt", "--model", "cli_models:SameResolution", "--model-kwargs",
                       '{"classes": 3}', "--calib", images, *DATA)
     assert result.returncode == 0, result.stderr
-    assert "pass --all-concats to include concatenations of same-resolution features" in result.stdout
+    assert "skipped cat: no input comes from an upsampling op" in result.stdout
+    assert "pass --all-concats" in result.stdout
     assert "all_concats=True" not in result.stdout + result.stderr
 
 
@@ -628,7 +655,8 @@ def test_a_missing_model_prints_converts_usage(cli: Run, ckpt: Path, images: Pat
 def test_quiet_prints_no_notes_but_the_report(cli: Run, ckpt: Path, images: Path) -> None:
     result = cli("convert", ckpt, *MODEL, "--calib", images, *DATA, "--quiet", "-o", "out.pt")
     assert result.returncode == 0, result.stderr
-    assert "fxeq: " not in result.stderr.replace("fxeq: warning", "")  # warnings still show
+    assert "fxeq: " not in result.stderr.replace("fxeq: warning", "")
+    assert "fxeq: warning: skipped 1 file in " in result.stderr  # warnings still show
     assert "site cat -> fuse" in result.stdout
 
 

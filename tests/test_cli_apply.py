@@ -14,10 +14,9 @@ import pytest
 import torch
 from cli_models import TinyFuse, assert_fails, run_main
 
-from fxeq import files
-from fxeq.cli import hf, outputs
-from fxeq.report import FOLDER_REPORT, report_path
+from fxeq.cli import outputs
 from fxeq.cli.images import generate_images
+from fxeq.report import report_path
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs; -m "not slow" skips them
 

@@ -8,6 +8,7 @@ compared with a single-process conversion of the same images.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,9 @@ def test_two_processes_give_what_one_gives(tmp_path: Path) -> None:
         assert (sa["count"], sa["samples"]) == (sb["count"], sb["samples"]) and sa["samples"] == 5  # each image once
         assert sa["mean"] == pytest.approx(sb["mean"], rel=1e-9) and sa["std"] == pytest.approx(sb["std"], rel=1e-9)
     assert ra["calibration_data"]["processes"] == 2 and ra["calibration_data"]["images"] == 5
-    assert ra["calibration"]["batches"] == ra["calibration_data"]["batches"] == 2  # all processes' batches
+    # all processes' batches, as a single process runs them
+    assert ra["calibration"]["batches"] == rb["calibration"]["batches"] == ra["calibration_data"]["batches"] == 2
+    assert rb["calibration_data"]["processes"] == 1
 
     # Rank 0 alone wrote and printed; rank 1 waited and exited 0.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -73,6 +76,37 @@ def test_two_processes_give_what_one_gives(tmp_path: Path) -> None:
     assert sharded.stderr.count("calibrating on 5 images") == 1
     assert "2 processes, batch k on rank k % 2" in sharded.stderr
     assert "fxeq: error" not in sharded.stderr
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_one_process_under_torchrun_joins_a_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchrun --nproc-per-node 1`` runs the path several processes run (gloo here, nccl with --device cuda).
+
+    torchrun's environment, in this process: the group is set up for the run and destroyed after it.
+    """
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                        "WORLD_SIZE": "1", "GLOO_SOCKET_IFNAME": "lo"}.items():
+        monkeypatch.setenv(name, value)
+    started: list[str] = []
+    init = dist.init_process_group
+
+    def spy(backend: str, **kwargs: object) -> None:
+        started.append(backend)
+        init(backend, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", spy)
+    generate_images(tmp_path / "images", 4, size=32)
+    torch.save(TinyFuse(classes=3).state_dict(), tmp_path / "tiny.pt")
+    result = run_main("convert", tmp_path / "tiny.pt", *MODEL, "--calib", tmp_path / "images", *DATA,
+                      "--device", "cpu", "-o", tmp_path / "out.pt")
+    assert result.returncode == 0, result.stderr
+    assert started == ["gloo"] and not dist.is_initialized()
+    report = json.loads((tmp_path / "out.pt.fxeq.json").read_text())
+    assert report["calibration_data"]["processes"] == 1 and report["calibration"]["batches"] == 2
+    assert "rank 0" not in result.stderr
 
 
 @pytest.mark.parametrize("images", [2, 5], ids=["more-ranks-than-images", "more-ranks-than-batches"])

@@ -20,10 +20,9 @@ from cli_models import assert_fails, run_main
 from PIL import Image
 
 import fxeq
-from fxeq import files
-from fxeq.cli import hf, outputs
-from fxeq.report import FOLDER_REPORT, report_path
+from fxeq.cli import outputs
 from fxeq.cli.images import find_images, generate_images
+from fxeq.report import FOLDER_REPORT
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -188,3 +187,110 @@ def test_a_folder_without_transformers_names_the_extra_to_install(
         assert_fails(result, 2, "segformer is a Hugging Face save_pretrained folder (it holds config.json)",
                      "needs the transformers package, which is not installed", "pip install -e '.[hf]'")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Equalized folders: inspect measures them as they are; convert and apply refuse them
+# ---------------------------------------------------------------------------
+
+def _stds(report: dict[str, Any]) -> list[float]:
+    return [i["std"] for site in report["sites"] for i in site["inputs"]]
+
+
+@pytest.fixture(scope="module")
+def original_stds(hf: dict[str, Any]) -> list[float]:
+    result = run_main("inspect", hf["folder"], "--calib", hf["images"], *CALIB, "--json")
+    assert result.returncode == 0, result.stderr
+    return _stds(json.loads(result.stdout))
+
+
+def _trainer_checkpoint(hf: dict[str, Any], folder: Path) -> Path:
+    """A Trainer's checkpoint-N folder saved after fxeq's callback equalized the model: its fxeq.json marks it."""
+    checkpoint = folder / "checkpoint-10"
+    shutil.copytree(hf["output"], checkpoint)
+    report = json.loads((checkpoint / FOLDER_REPORT).read_text())
+    for key in ("checkpoint", "command", "output"):
+        report.pop(key)
+    report["trainer"] = {"framework": "transformers", "global_step": 0, "num_batches": 2, "world_size": 1}
+    (checkpoint / FOLDER_REPORT).write_text(json.dumps(report))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    return checkpoint
+
+
+@pytest.mark.parametrize("kind", ["converted", "trainer-checkpoint"])
+def test_inspect_of_an_equalized_folder_measures_it_as_it_is(
+    kind: str, hf: dict[str, Any], original_stds: list[float], tmp_path: Path
+) -> None:
+    """The fold rescales the conv, not its inputs: the inputs' stds are the original's (README, fxeq inspect)."""
+    folder = hf["output"] if kind == "converted" else _trainer_checkpoint(hf, tmp_path)
+    before = outputs.digest(folder), (folder / FOLDER_REPORT).read_bytes()
+    result = run_main("inspect", folder, "--calib", hf["images"], *CALIB, "--json")
+    assert result.returncode == 0, result.stderr
+    assert f"fxeq: {folder} is a checkpoint equalized by fxeq ({folder / FOLDER_REPORT} lies in it)" in result.stderr
+    if kind == "converted":
+        assert f"  converted from {hf['folder'].resolve()}\n" in result.stderr
+    else:
+        assert "  equalized during training by fxeq's transformers callback at step 0\n" in result.stderr
+    assert "  site cat -> decode_head.linear_fuse; std max/min " in result.stderr
+    assert "already equalized" not in result.stderr
+    report = json.loads(result.stdout)
+    assert report["folded"] is False and report["calibration"]["passes"] == 1
+    assert _stds(report) == pytest.approx(original_stds, rel=1e-4)
+    assert (outputs.digest(folder), (folder / FOLDER_REPORT).read_bytes()) == before  # nothing written
+
+
+def test_apply_refuses_an_equalized_folder(hf: dict[str, Any], tmp_path: Path) -> None:
+    result = run_main("apply", hf["output"], "--report", hf["output"], "-o", tmp_path / "twice")
+    assert_fails(result, 2, f"{hf['output']} was already equalized by fxeq ({hf['output'] / FOLDER_REPORT} lies in "
+                 "it); equalizing it again would divide the fusing convs' weights twice",
+                 "Convert the original checkpoint instead")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_with_the_legacy_report_name_is_refused(hf: dict[str, Any], tmp_path: Path) -> None:
+    """Training callbacks before fxeq 0.3 wrote the report as model.safetensors.fxeq.json."""
+    folder = tmp_path / "old-run"
+    shutil.copytree(hf["output"], folder)
+    (folder / FOLDER_REPORT).rename(folder / "model.safetensors.fxeq.json")
+    result = run_main("convert", folder, "--calib", hf["images"], *CALIB, "-o", tmp_path / "twice")
+    assert_fails(result, 2, f"{folder} was already equalized by fxeq ({folder / 'model.safetensors.fxeq.json'} lies "
+                 "in it)", "twice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old-run"]
+
+
+def test_a_plot_inside_the_input_folder_is_refused(hf: dict[str, Any], tmp_path: Path) -> None:
+    """It would change the folder, and with it the digest the report records."""
+    plot = hf["folder"] / "plot.png"
+    result = run_main("convert", hf["folder"], "--calib", hf["images"], *CALIB, "--plot", plot, "-o", tmp_path / "o")
+    assert_fails(result, 2, f"--plot {plot} is inside {hf['folder']}, an input or output of this command")
+    assert not plot.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Folders and classes from_pretrained cannot use
+# ---------------------------------------------------------------------------
+
+def test_a_class_without_from_pretrained_is_refused(hf: dict[str, Any]) -> None:
+    result = run_main("inspect", hf["folder"], "--model", "cli_models:TinyFuse", "--calib", hf["images"], *CALIB)
+    assert_fails(result, 2, f"TinyFuse has no from_pretrained method, so it cannot load the save_pretrained folder "
+                 f"{hf['folder']}; name a transformers model class such as "
+                 "transformers:SegformerForSemanticSegmentation")
+
+
+def test_a_folder_from_pretrained_cannot_load(hf: dict[str, Any], tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    result = run_main("inspect", folder, "--calib", hf["images"], *CALIB, "--size", "64")
+    assert_fails(result, 2, f"could not load {folder} with AutoModelForSemanticSegmentation.from_pretrained (",
+                 "expected a folder written by save_pretrained for a model of that class",
+                 "Name the model's class with --model")
+
+
+def test_an_unreadable_image_processor_is_refused(hf: dict[str, Any], tmp_path: Path) -> None:
+    folder = tmp_path / "segformer"
+    shutil.copytree(hf["folder"], folder)
+    (folder / "preprocessor_config.json").write_text("{not json")
+    result = run_main("inspect", folder, "--calib", hf["images"], *CALIB)
+    assert_fails(result, 2, f"could not read the image processor in {folder / 'preprocessor_config.json'} (",
+                 "expected a file written by an image processor's save_pretrained")

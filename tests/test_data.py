@@ -167,7 +167,7 @@ def test_num_batches_counts_the_batches_of_all_ranks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("count", "world_size", "words"), [
     (2, 3, r"found 2 images in .*, which make 1 batch of up to 2, fewer than the 3 processes calibrating: each "
-           r"process calibrates on whole batches of its own\. Add images, lower the batch size \(at least 2\), or "
+           r"process calibrates on whole batches of its own\. Add images, lower --batch-size \(at least 2\), or "
            r"start at most 1 process\."),
     (5, 3, r"found 5 images in .*, which make 2 batches of up to 3, fewer than the 3 processes .* start at most 2 "
            r"processes\."),
@@ -260,3 +260,32 @@ def test_images_are_decoded_as_the_models_channels(channels: int, tmp_path: Path
         assert torch.allclose(batch[:, 3], torch.ones(2, 8, 8))  # opaque: the file has no alpha
     with pytest.raises(ValueError, match=rf"mean and std need {channels} value"):
         calibration_loader(tmp_path, size=8, batch_size=2, channels=channels)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"size": 0}, r"the image size must be a positive number of pixels, got 0"),
+    ({"channels": 2}, r"channels must be one of 1, 3, 4 \(grayscale, RGB, RGBA\), got 2"),
+    ({"batch_size": 1}, r"the batch size must be at least 2, got 1: calibration runs batch normalization with batch "
+                        r"statistics .* Use a batch size of 2 or more\."),
+    ({"rank": 2, "world_size": 2}, r"expected 0 <= rank < world_size, got rank=2, world_size=2"),
+], ids=["size", "channels", "batch-size", "rank"])
+def test_bad_loader_arguments(kwargs: dict[str, int], words: str, tmp_path: Path) -> None:
+    """The command line's parser refuses these first; the loader refuses them too, named by its arguments."""
+    generate_images(tmp_path, 2, size=8)
+    with pytest.raises(ValueError, match=words):
+        calibration_loader(tmp_path, **{"size": 8, "batch_size": 2, **kwargs})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated-texture-000.png", "generated-texture-001.png"]
+
+
+def test_a_missing_calibration_folder_names_calib(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"--calib .*nowhere does not exist or is not a folder; pass a folder "
+                                                r"of jpg/jpeg/png/webp images \(searched recursively\)"):
+        find_images(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("count", "size"), [(0, 8), (1, 1)])
+def test_generate_images_needs_an_image_of_2x2_pixels(count: int, size: int, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=rf"need at least one image of at least 2x2 pixels, got count={count}, "
+                                         rf"size={size}"):
+        generate_images(tmp_path / "out", count, size=size)
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ import traceback
 from .._torchvision import TorchvisionError
 from ..errors import FxEqError
 from .commands import COMMANDS
-from .errors import UsageError, for_cli
+from .errors import UsageError, for_cli, one_line
 from .parser import build_parser, subcommand_parser
 from .torchrun import ranks
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments after the program name. Default: ``sys.argv[1:]``.
 
     Returns:
-        The exit code: 0 done, 2 bad usage or input, 1 fxeq's own failure.
+        The exit code: 0 done, 2 bad usage or input, 1 fxeq's own failure, 130 interrupted.
 
     Example:
         >>> main(["convert", "missing.pt", "--model", "torchvision.models:resnet18",
@@ -88,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command](args))
     except (UsageError, TorchvisionError) as e:
-        return _fail(str(e), 2, e, args.verbose)
+        return _fail(one_line(str(e)), 2, e, args.verbose)
     except FxEqError as e:  # the model or the data the user passed: a graph, calibration or rewrite problem
-        return _fail(for_cli(str(e)), 2, e, args.verbose)
+        return _fail(for_cli(one_line(str(e), e.__cause__)), 2, e, args.verbose)
     except KeyboardInterrupt as e:
-        return _fail("interrupted", 130, e, args.verbose)
+        return _fail("interrupted; fxeq places each output whole or not at all, so none is half-written", 130, e,
+                     args.verbose)
     except Exception as e:  # noqa: BLE001 - the last resort: fxeq's own failure, with the traceback on request
-        hint = "" if args.verbose else "\n(this is fxeq's failure, not yours: run again with --verbose for the " \
-            "traceback, and report it)"
-        return _fail(f"{type(e).__name__}: {e}{hint}", 1, e, args.verbose)
+        hint = "" if args.verbose else (" (this is fxeq's failure, not yours: run again with --verbose for the "
+                                        "traceback, and report it)")
+        return _fail(f"{type(e).__name__}: {one_line(str(e))}{hint}", 1, e, args.verbose)
 
 
 def _fail(message: str, code: int, error: BaseException, verbose: bool) -> int:

@@ -26,8 +26,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "load_error", "load_into", "load_state_dict", "read_checkpoint", "shown_keys",
-           "unwrap_state_dict"]
+from ..integrations import lightning_checkpoint_report
+
+__all__ = ["Checkpoint", "check_file", "describe_folder", "load_error", "load_into", "load_state_dict",
+           "read_checkpoint", "shown_keys", "unwrap_state_dict"]
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _SHOWN_KEYS = 5
@@ -130,17 +132,7 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 
 def _load(path: Path, trust_pickle: bool) -> object:
     """The object in a checkpoint file: a safetensors dict, or what ``torch.load`` gives."""
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"checkpoint {path} is a folder without config.json, so not a Hugging Face save_pretrained folder "
-            f"({describe_folder(path)}); expected a checkpoint file: a state_dict saved as .pt/.pth (torch.save) "
-            "or .safetensors, or a folder written by save_pretrained"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; pass the path of a state_dict saved as .pt/.pth "
-            "(torch.save) or .safetensors"
-        )
+    check_file(path)
     kind = _not_a_checkpoint(path)
     if kind is not None:
         raise ValueError(
@@ -175,6 +167,26 @@ def _load(path: Path, trust_pickle: bool) -> object:
             "state_dict written by torch.save, or a .safetensors file. Is it complete (not cut short by a "
             "download or a copy)?"
         ) from e
+
+
+def check_file(path: Path) -> None:
+    """Refuse a checkpoint path that does not exist, or is a folder (one without config.json: not save_pretrained's).
+
+    Raises:
+        FileNotFoundError: nothing is at ``path``.
+        IsADirectoryError: ``path`` is a folder.
+    """
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {path} is a folder without config.json, so not a Hugging Face save_pretrained folder "
+            f"({describe_folder(path)}); expected a checkpoint file: a state_dict saved as .pt/.pth (torch.save) "
+            "or .safetensors, or a folder written by save_pretrained"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass the path of a state_dict saved as .pt/.pth (torch.save) or "
+            ".safetensors, or a Hugging Face save_pretrained folder"
+        )
 
 
 def describe_folder(folder: Path) -> str:
@@ -220,14 +232,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
 
 def _fxeq_report(loaded: object) -> dict[str, Any] | None:
     """fxeq's report, if a Lightning checkpoint holds it in the ScaleEqualization callback's state."""
-    callbacks = loaded.get("callbacks") if isinstance(loaded, Mapping) else None
-    if not isinstance(callbacks, Mapping):
-        return None
-    for key, state in callbacks.items():
-        report = state.get("report") if isinstance(state, Mapping) else None
-        if "ScaleEqualization" in str(key) and isinstance(report, Mapping) and isinstance(report.get("sites"), list):
-            return dict(report)
-    return None
+    return lightning_checkpoint_report(loaded) if isinstance(loaded, Mapping) else None
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,10 +9,13 @@ output), says what it is doing on stderr (rank 0 only, not with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import json
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +26,7 @@ from .._text import plural
 from .._torchvision import torchvision
 from .._version import versions
 from ..errors import CaptureError
+from ..files import place, staged
 from ..pipeline import Prepared, calibrate, convert, prepare
 from ..replay import apply as apply_report
 from ..report import FOLDER_REPORT, Report, converted_report, report_path
@@ -39,6 +43,7 @@ _DEMO_MARKER = ".fxeq-demo"
 _DEMO_MODEL = "torchvision.models.segmentation:deeplabv3_resnet50"
 _DEMO_KWARGS = {"weights": None, "weights_backbone": None, "num_classes": 21}
 _DEMO_IMAGES = "generated-calibration-images"
+_PLOT_EXTRA = "pip install -e '.[plot]' (in your clone of fxeq)"
 
 
 # ---------------------------------------------------------------------------
@@ -48,6 +53,7 @@ _DEMO_IMAGES = "generated-calibration-images"
 
 def _convert(args: argparse.Namespace) -> int:
     output = _checked_paths(args)
+    _check_plot(args, args.checkpoint, args.calib, output, output if is_folder(args) else report_path(output))
     loaded = load(args)
     with bad_input():
         outputs.check_not_converted(args.checkpoint, loaded.report)
@@ -74,7 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
                 print(f"\nwrote {output} (rescaled {', '.join(_fusing_convs(report))}; every other tensor as in the "
                       "input)")
                 print(f"wrote {report_file}")
-                _plot(args, report)
+                _plot(args, report, type(loaded.model).__name__)
     return 0
 
 
@@ -102,12 +108,18 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    converted = _note_if_converted(args) if args.checkpoint else False
+    _check_plot(args, args.checkpoint, args.calib)
+    converted, conversion = _note_if_converted(args) if args.checkpoint else (False, None)
     loaded = load(args)
+    if converted and is_folder(args):
+        # The library refuses a model loaded from a folder holding fxeq's report, lest it be equalized twice;
+        # inspect only measures it, as it is (the note above said so).
+        hf.forget_source(loaded.model)
     if loaded.report is not None and not converted:
+        with contextlib.suppress(ValueError):
+            conversion = Report.from_dict(loaded.report)
         note("the checkpoint holds the report of fxeq's ScaleEqualization callback: it was equalized during "
-             "training. The fusion inputs measured below are as the equalized model computes them.",
-             quiet=args.quiet)
+             "training. The fusion inputs measured below are as the equalized model computes them.")
         converted = True
     with process_group(loaded.device):
         prepared = _prepared(args, loaded)
@@ -119,20 +131,26 @@ def _inspect(args: argparse.Namespace) -> int:
         report = prepared.report
         report.extra.update(_provenance(args, loaded, report))
         report.versions = _versions(model_spec(args))
-        print(json.dumps(report.to_dict(), indent=2) if args.json else for_cli(report.table()))
-        _plot(args, report)
+        print(report.to_json() if args.json else for_cli(report.table()))
+        # after fxeq, a converted model's convs receive what is measured now over what its conversion folded
+        folded = {k: v.std for k, v in conversion.stats.items()} if conversion is not None else None
+        _plot(args, report, type(loaded.model).__name__, folded)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    workdir = _demo_workdir(args.workdir)
+    _check_demo_workdir(args.workdir)
+    segmentation = torchvision("models.segmentation")  # one clear sentence if torchvision cannot run here
+    state = segmentation.deeplabv3_resnet50(**_DEMO_KWARGS).state_dict()
+    workdir = args.workdir  # everything is checked: the demo's files may be written
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / _DEMO_MARKER).write_text("made by fxeq demo, which may replace the files in this folder\n")
     source = workdir / "deeplabv3_resnet50.pt"
     output = workdir / "deeplabv3_resnet50.fxeq.safetensors"
     images = workdir / _DEMO_IMAGES
     for old in images.glob(f"{GENERATED_PREFIX}*.png"):
         old.unlink()
-    segmentation = torchvision("models.segmentation")  # one clear sentence if torchvision cannot run here
-    outputs.save_state_dict(segmentation.deeplabv3_resnet50(**_DEMO_KWARGS).state_dict(), source)
+    outputs.save_state_dict(state, source)
     note(f"saved a randomly initialized deeplabv3_resnet50 (nothing downloaded) to {source}", quiet=args.quiet)
     generate_images(images, args.images, size=args.size)
     note(f"GENERATED {args.images} synthetic calibration images (random multi-scale textures, not real data) "
@@ -212,8 +230,8 @@ def _capture_failure(args: argparse.Namespace, loaded: Loaded, example: torch.Te
     if args.frontend != "auto":
         return UsageError(f"--frontend {args.frontend} could not capture {name} ({listed}); pass --frontend auto "
                           "to try every frontend")
-    return UsageError(f"no frontend could capture {name} ({listed}); fxeq needs its forward to run eagerly on "
-                      "the calibration images")
+    return UsageError(f"no frontend could capture {name} ({listed}); fxeq needs a forward that torch.fx, "
+                      "torch.export or a concrete trace can record (--verbose shows the traceback)")
 
 
 # ---------------------------------------------------------------------------
@@ -225,15 +243,8 @@ def _checked_paths(args: argparse.Namespace, *inputs: Path) -> Path:
     """Refuse a bad or converted input, then an output that may not be written, before any work; return it."""
     sources = [args.checkpoint, *inputs]
     with bad_input():
-        if args.checkpoint.is_dir() and not is_folder(args):
-            raise IsADirectoryError(
-                f"checkpoint {args.checkpoint} is a folder without config.json, so not a Hugging Face "
-                f"save_pretrained folder ({checkpoints.describe_folder(args.checkpoint)}); expected a checkpoint "
-                "file (.pt/.pth or .safetensors) or a folder written by save_pretrained"
-            )
-        if not args.checkpoint.exists():
-            raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist; pass the path of a state_dict "
-                                    "saved as .pt/.pth (torch.save) or .safetensors, or a save_pretrained folder")
+        if not is_folder(args):
+            checkpoints.check_file(args.checkpoint)
         outputs.check_not_converted(args.checkpoint)
         if is_folder(args):
             return outputs.check_output_folder(args.output, source=sources, force=args.force)
@@ -254,12 +265,40 @@ def _save(args: argparse.Namespace, output: Path, model: nn.Module, state: dict[
         return outputs.save_converted(converted, output, report, force=args.force)
 
 
-def _plot(args: argparse.Namespace, report: Report) -> None:
+def _check_plot(args: argparse.Namespace, *inputs_and_outputs: Path | None) -> None:
+    """Refuse a --plot that cannot be written, or would land on or in an input or output, before any work."""
+    plot = args.plot
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: the plot is written as PNG, so its path must end in .png; pass e.g. "
+                         f"--plot {plot.with_suffix('.png')}")
+    if plot.is_dir():
+        raise UsageError(f"--plot {plot} is a folder; pass the path of a .png file to write")
+    if not plot.parent.is_dir():
+        raise UsageError(f"--plot {plot}: the folder {plot.parent} does not exist; create it first, or write into "
+                         "an existing folder")
+    where = plot.resolve()
+    for given in filter(None, inputs_and_outputs):
+        if where == given.resolve() or given.resolve() in where.parents:
+            raise UsageError(f"--plot {plot} is {'inside ' if where != given.resolve() else ''}{given}, an input "
+                             "or output of this command, which the plot would change; write it elsewhere")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"--plot needs matplotlib, which is not installed: {_PLOT_EXTRA}; or leave --plot out")
+
+
+def _plot(args: argparse.Namespace, report: Report, title: str,
+          folded: Mapping[tuple[str, int], float] | None = None) -> None:
+    """Draw the report to --plot (checked by :func:`_check_plot`), placed whole: an existing file is replaced."""
     if getattr(args, "plot", None) is None:
         return
-    with bad_input(ImportError, OSError, ValueError):
-        written = report.plot(args.plot)
-    print(f"wrote {written}")
+    with bad_input(ImportError, OSError, ValueError), staged(args.plot) as tmp:
+        tmp.mkdir()  # the plot is drawn in a folder of its own, under its own name (the suffix picks the format)
+        place(report.plot(tmp / args.plot.name, title=title, folded=folded), args.plot, replace=True)
+    if getattr(args, "json", False):  # stdout holds the JSON alone
+        note(f"wrote {args.plot}", quiet=args.quiet)
+    else:
+        print(f"wrote {args.plot}")
 
 
 def _read_report(file: Path) -> Report:
@@ -339,39 +378,44 @@ def _fusing_convs(report: Report) -> list[str]:
     return sorted({c.module or "<root>" for s in report.search.sites for c in s.convs})
 
 
-def _demo_workdir(path: Path) -> Path:
+def _check_demo_workdir(path: Path) -> None:
+    """Refuse a --workdir that the demo did not make, and that is no empty folder: its files are not the demo's."""
     if path.exists() and not (path / _DEMO_MARKER).is_file() and not (path.is_dir() and not any(path.iterdir())):
         raise UsageError(
             f"--workdir {path} exists and was not made by fxeq demo (it has no {_DEMO_MARKER} file); pass "
             "--workdir with a new or empty folder"
         )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / _DEMO_MARKER).write_text("made by fxeq demo, which may replace the files in this folder\n")
-    return path
 
 
-def _note_if_converted(args: argparse.Namespace) -> bool:
-    """Say that the checkpoint was equalized by fxeq, with its report's summary, if it was; return whether."""
+def _note_if_converted(args: argparse.Namespace) -> tuple[bool, Report | None]:
+    """Say that the checkpoint was equalized by fxeq, with its report's summary, if it was (even with --quiet);
+    return whether, and its report where it could be read."""
     path = args.checkpoint
     report_file = converted_report(path)
     if report_file is None:
-        return False
+        return False, None
+    report: Report | None = None
     try:
         report = Report.read(report_file)
-        source = report.extra.get("checkpoint", {}).get("path", "(not recorded)")
-        lines = [f"  converted from {source}"]
+        trainer = report.extra.get("trainer")
+        if isinstance(trainer, dict):  # a training callback's report, in a checkpoint folder it saved
+            lines = [f"  equalized during training by fxeq's {trainer.get('framework', 'training')} callback at "
+                     f"step {trainer.get('global_step', '?')}"]
+        else:
+            source = report.extra.get("checkpoint", {}).get("path", "(not recorded)")
+            lines = [f"  converted from {source}"]
         for site in report.search.sites:
             ratio = report.disequilibrium(site)
             lines.append(f"  site {site.name} -> {', '.join(c.module for c in site.convs)}; std max/min "
                          f"{'-' if ratio is None else f'{ratio:.2f}'} divided out")
     except (OSError, ValueError, AttributeError) as e:  # a report that is not fxeq's, or edited
         lines = [f"  (the report could not be read: {type(e).__name__}: {e})"]
+        report = None
     where = "in" if Path(path).is_dir() else "beside"
     note(
         f"{path} is a checkpoint equalized by fxeq ({report_file} lies {where} it). Its fusing convs were "
         "rescaled; the fusion inputs measured below are not, so their std ratios are the same as before (each "
         "site is measured on the model as it is: every upstream fold is already in its weights). The "
         "conversion, from the report:\n" + "\n".join(lines),
-        quiet=args.quiet,
-    )
-    return True
+    )  # shown with --quiet too: it says what the measurement means
+    return True, report

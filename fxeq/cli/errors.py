@@ -3,7 +3,8 @@
 Everything the user passed that fxeq cannot use exits with code 2 and one
 message naming the flag; exit 1 is left for fxeq's own bugs. Library
 messages name library arguments (``all_concats=True``); :func:`for_cli`
-says the same with the command line's flags (``--all-concats``).
+says the same with the command line's flags (``--all-concats``), and
+:func:`one_line` keeps every message on one line.
 """
 
 from __future__ import annotations
@@ -12,36 +13,53 @@ import contextlib
 import re
 from collections.abc import Iterator
 
-__all__ = ["UsageError", "bad_input", "for_cli"]
+__all__ = ["UsageError", "bad_input", "for_cli", "one_line"]
 
 
 class UsageError(Exception):
     """Bad usage or input: exit code 2."""
 
 
-# Library arguments in messages, and the flags that say the same on the command line.
+# Library arguments in messages, and the flags that say the same on the command line: one rule per wording.
 _FLAGS: tuple[tuple[str, str], ...] = (
-    (r"pass all_concats=True", "pass --all-concats"),
-    (r"all_concats=True", "--all-concats"),
-    (r"frontend='(\w+)'", r"--frontend \1"),
-    (r"raise min_std", "raise --min-std"),
-    (r"min_std", "--min-std"),
-    (r"num_batches >= 1 if you set it", "--num-batches of at least 1"),
-    (r"use batches of at least 2", "use --batch-size 2 or more"),
-    (r"Use a batch size of at least 2", "Use --batch-size 2 or more"),
+    (r"\ball_concats=True", "--all-concats"),
+    (r"\bfrontend='(\w+)'", r"--frontend \1"),
+    (r"\bmin_std=([0-9.eE+-]*[0-9])", r"--min-std \1"),
+    (r"\bmin_std\b", "--min-std"),
+    (r"\bnum_batches >= 1 if you set it", "--num-batches of at least 1 if you set it"),
+    (r"\buse batches of at least 2", "use --batch-size 2 or more"),
+    (r"\bUse a batch size of at least 2", "Use --batch-size 2 or more"),
 )
+_END = (".", ";", ":", ",", "!", "?")
 
 
 def for_cli(message: str) -> str:
     """A library message with its arguments named as the command line's flags.
 
     Example:
-        >>> for_cli("no input comes from an upsampling op; pass all_concats=True to include them")
-        'no input comes from an upsampling op; pass --all-concats to include them'
+        >>> for_cli("no input comes from an upsampling op; pass all_concats=True to equalize it")
+        'no input comes from an upsampling op; pass --all-concats to equalize it'
     """
     for pattern, flag in _FLAGS:
         message = re.sub(pattern, flag, message)
     return message
+
+
+def one_line(message: str, cause: BaseException | None = None) -> str:
+    """A message on one line: the lines after the first of ``cause``'s text (when the message quotes it) dropped,
+    the other lines joined as sentences.
+
+    Example:
+        >>> cause = RuntimeError("shapes differ\\n  at conv 3")
+        >>> one_line(f"batch 0 failed: {cause}\\nUse a batch size of at least 2.", cause)
+        'batch 0 failed: shapes differ. Use a batch size of at least 2.'
+    """
+    detail = str(cause).strip() if cause is not None else ""
+    if "\n" in detail and detail in message:
+        message = message.replace(detail, detail.splitlines()[0].rstrip())
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(line if i == len(lines) - 1 or line.endswith(_END) else f"{line}."
+                    for i, line in enumerate(lines))
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from torch import nn
 from .checkpoints import load_error, shown_keys
 
 __all__ = [
-    "PREPROCESSOR_CONFIG", "PRETRAINED_CONFIG", "is_pretrained_folder", "load_image_processor", "load_pretrained",
-    "save_pretrained",
+    "PREPROCESSOR_CONFIG", "PRETRAINED_CONFIG", "forget_source", "is_pretrained_folder", "load_image_processor",
+    "load_pretrained", "save_pretrained",
 ]
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -94,6 +94,28 @@ def load_pretrained(folder: str | Path, model_class: Any = None, **kwargs: Any) 
             "saved from, or name its class with --model."
         )
     return model
+
+
+def forget_source(model: nn.Module) -> None:
+    """Clear the folder ``from_pretrained`` loaded ``model`` from (``name_or_path``), for a model fxeq only measures.
+
+    fxeq's library refuses to equalize a model loaded from a folder that
+    holds fxeq's report (:func:`fxeq.rewrite.check_not_equalized`), lest it be
+    equalized twice. ``fxeq inspect`` measures such a model as it is and
+    writes nothing, so it clears the trail first.
+
+    Example:
+        >>> net = nn.Linear(1, 1)
+        >>> net.name_or_path = "segformer-fxeq"
+        >>> forget_source(net)
+        >>> net.name_or_path
+        ''
+    """
+    if isinstance(getattr(model, "name_or_path", None), str):
+        model.name_or_path = ""
+    config = getattr(model, "config", None)
+    if isinstance(getattr(config, "name_or_path", None), str):
+        config.name_or_path = ""
 
 
 def save_pretrained(model: Any, folder: str | Path) -> None:

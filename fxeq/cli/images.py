@@ -111,8 +111,8 @@ def find_images(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"calibration folder {root} does not exist or is not a folder; pass a folder of "
-            f"{_KINDS} images (searched recursively)"
+            f"--calib {root} does not exist or is not a folder; pass a folder of {_KINDS} images (searched "
+            "recursively)"
         )
     files = _files_under(root)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -122,8 +122,8 @@ def find_images(folder: str | Path) -> list[Path]:
     found = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
     if not images:
         raise ValueError(
-            f"calibration folder {root} holds no {_KINDS} image, only other files: {found}. Convert the "
-            f"images to {_KINDS}, or pass the folder that holds them"
+            f"--calib {root} holds no {_KINDS} image, only other files: {found}. Convert the images to {_KINDS}, "
+            "or pass the folder that holds them"
         )
     warnings.warn(
         f"skipped {plural(others.total(), 'file')} in {root} whose extension is not {_KINDS}: {found}; "
@@ -361,17 +361,17 @@ def calibration_loader(
     paths = find_images(folder)
     if len(paths) < 2:
         raise ValueError(
-            f"found {plural(len(paths), 'image')} in {folder}, need at least 2 (batch normalization with batch "
-            f"statistics needs 2 samples per batch). Add {_KINDS} images from the training set; a few hundred "
-            "give stable statistics."
+            f"found {plural(len(paths), 'image')} in --calib {folder}, need at least 2 (batch normalization with "
+            f"batch statistics needs 2 samples per batch). Add {_KINDS} images from the training set; a few "
+            "hundred give stable statistics."
         )
     batches = _batches(len(paths), batch_size)[:num_batches]
     if len(batches) < world_size:
         raise ValueError(
-            f"found {plural(len(paths), 'image')} in {folder}, which make {plural(len(batches), 'batch', 'batches')}"
-            f" of up to {max(map(len, batches))}, fewer than the {world_size} processes calibrating: each process "
-            "calibrates on whole batches of its own. Add images, lower the batch size (at least 2), or start at "
-            f"most {plural(len(batches), 'process', 'processes')}."
+            f"found {plural(len(paths), 'image')} in --calib {folder}, which make "
+            f"{plural(len(batches), 'batch', 'batches')} of up to {max(map(len, batches))}, fewer than the "
+            f"{world_size} processes calibrating: each process calibrates on whole batches of its own. Add images, "
+            f"lower --batch-size (at least 2), or start at most {plural(len(batches), 'process', 'processes')}."
         )
     for path in paths:  # fail before any work on a file that is not an image (reads headers only)
         _check_header(path)

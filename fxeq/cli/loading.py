@@ -13,7 +13,6 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -32,7 +31,7 @@ from .images import (
     default_normalization,
 )
 from .parser import AUTO_MODEL, DEFAULT_SIZE
-from .torchrun import note, ranks
+from .torchrun import launched, note, ranks
 
 __all__ = ["Loaded", "describe_calibration", "device", "is_folder", "load", "load_model", "model_record"]
 
@@ -74,8 +73,8 @@ def load(args: argparse.Namespace) -> Loaded:
             std=preprocessing.get("std", ()), batch_size=args.batch_size, preprocess=preprocess,
             num_batches=args.num_batches, rank=rank, world_size=world, channels=preprocessing.get("channels", 3),
         )
-    for warning in skipped:  # files in --calib that are not images
-        note(f"warning: {warning.message}", quiet=args.quiet)
+    for warning in skipped:  # files in --calib that are not images: a warning, shown with --quiet too
+        note(f"warning: {warning.message}")
     where = device(args.device)
     model, state, report = load_model(args)
     return Loaded(model.to(where), state, report, loader, preprocessing, where)
@@ -185,12 +184,9 @@ def _build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-    return model
-
-
 def device(name: str) -> torch.device:
     """The device to calibrate on; under torchrun, ``cuda`` is each process's ``cuda:LOCAL_RANK``."""
-    if name == "cuda" and ranks()[1] > 1:
+    if name == "cuda" and launched():
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         device = torch.device(name)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ import safetensors.torch
 import torch
 
 from ..files import place, place_folder, restore, sha256, staged
-from ..report import FOLDER_REPORT, converted_report, report_path
+from ..report import FOLDER_REPORT, converted_report, report_path, write_report
 from .hf import PRETRAINED_CONFIG, is_pretrained_folder
 
 __all__ = [
@@ -77,8 +76,7 @@ def check_output(
                     "fxeq never overwrites its input, even with --force. Write to a new file, e.g. with .fxeq "
                     "before the suffix."
                 )
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it first")
+    _check_parent(path)
     for existing in (path, report_path(path)):
         if existing.is_dir():
             raise IsADirectoryError(
@@ -130,8 +128,7 @@ def check_output_folder(
                 f"the output {path} is the input {given} or holds it; fxeq never overwrites its input, even with "
                 "--force. Write to a new folder."
             )
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the output folder {path.parent} does not exist; create it first")
+    _check_parent(path)
     if os.path.lexists(path):
         if not path.is_dir():
             raise NotADirectoryError(
@@ -237,7 +234,7 @@ def save_converted(
     with staged(path) as tmp, staged(report_file) as report_tmp:
         _write_state_dict(state, tmp, path.suffix)
         record = {**report, "output": {"path": str(path.resolve()), "sha256": digest(tmp)}}
-        report_tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_report(record, report_tmp)
         previous = report_file.read_bytes() if report_file.is_file() else None
         with _appeared():
             place(report_tmp, report_file, replace=force)
@@ -298,7 +295,7 @@ def save_converted_folder(
         for file in map(Path, copy):
             shutil.copyfile(file, tmp / file.name)
         record = {**report, "output": {"path": str(path.resolve()), "sha256": digest(tmp)}}
-        (tmp / FOLDER_REPORT).write_text(json.dumps(record, indent=2) + "\n")
+        write_report(record, tmp)  # a folder: the report goes inside, as FOLDER_REPORT
         with _appeared():
             place_folder(tmp, path, replace=force)
     return path / FOLDER_REPORT
@@ -325,9 +322,15 @@ def _write_state_dict(state: Mapping[str, torch.Tensor], file: Path, suffix: str
 def _check_suffix(path: Path) -> None:
     if path.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(
-            f"cannot tell the output format from {path.name!r}; end the output path with "
+            f"-o {path}: cannot tell the output format from {path.name!r}; end the output path with "
             f"{' or '.join(OUTPUT_SUFFIXES)}"
         )
+
+
+def _check_parent(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"-o {path}: the folder {path.parent} does not exist; create it first, or write "
+                                "into an existing folder")
 
 
 def _same_file(a: Path, b: Path) -> bool:

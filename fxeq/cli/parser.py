@@ -12,13 +12,16 @@ from typing import Any, NoReturn
 import torch
 
 from .. import __version__
+from ..capturing import FRONTENDS
 from ..report import FOLDER_REPORT
 from .images import CHANNELS, IMAGE_SUFFIXES
 
-__all__ = ["AUTO_MODEL", "DEFAULT_SIZE", "build_parser", "subcommand_parser"]
+__all__ = ["AUTO_MODEL", "DEFAULT_SIZE", "DEMO_MIN_SIZE", "build_parser", "subcommand_parser"]
 
 AUTO_MODEL = "transformers:AutoModelForSemanticSegmentation"
 DEFAULT_SIZE = 512
+DEMO_MIN_SIZE = 9
+"""The smallest image on which the demo's DeepLabV3 has a fusion site: its ASPP map (1/8 of the image) is 2x2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and fxeq's debug log")
     common.add_argument("--quiet", "-q", action="store_true",
-                        help="no progress bars or progress notes on stderr (the report and errors still print); "
-                             "bars show only when stderr is a terminal anyway")
+                        help="no progress bars or progress notes on stderr (the report, warnings and errors still "
+                             "print); bars show only when stderr is a terminal anyway")
 
     model = _Parser(add_help=False)
     model.add_argument("--model", type=_model_spec, metavar="MODULE:CALLABLE",
@@ -61,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs code from the file, so only for files you trust")
 
     capture = _Parser(add_help=False)
-    capture.add_argument("--frontend", choices=("auto", "fx", "export", "concrete"), default="auto",
-                         help="how fxeq finds the fusion sites: torch.fx, torch.export, or a concrete trace of one "
-                              "eager forward; auto tries fx, the concrete trace, then export (default: auto)")
+    capture.add_argument("--frontend", choices=("auto", *FRONTENDS), default="auto",
+                         help="how fxeq finds the fusion sites: fx (torch.fx), export (torch.export) or concrete (a "
+                              "trace of one eager forward on the first batch); auto tries fx, then export, then the "
+                              "concrete trace. The command line rewrites the weights of the model it loaded and "
+                              "saves them, so it needs no deployable graph and may use any of them (default: auto)")
     capture.add_argument("--all-concats", action="store_true",
                          help="also equalize channel concatenations without an interpolated input (same-resolution "
                               "features, learned upsampling such as a transposed conv)")
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--std", type=_numbers, metavar="S[,S...]",
                       help="normalization std per channel (default: ImageNet's for RGB, 0.226 for grayscale, "
                            "none for RGBA); not with an image processor")
-    data.add_argument("--batch-size", type=int, default=4, metavar="N",
+    data.add_argument("--batch-size", type=_batch_size, default=4, metavar="N",
                       help="images per batch, at least 2 (default: 4); a last image on its own joins the batch "
                            "before it")
     data.add_argument("--num-batches", type=_positive_int, metavar="N",
@@ -96,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--min-std", type=_positive_float, default=1e-6, metavar="S",
                       help="smallest input std accepted; a smaller one means a constant branch (default: 1e-6)")
     data.add_argument("--plot", type=Path, metavar="PNG",
-                      help="also draw each site's input stds before and after fxeq as a PNG (needs matplotlib: "
-                           "pip install -e '.[plot]')")
+                      help="also draw each site's input stds before and after fxeq as a PNG, replacing an existing "
+                           "one; not inside an input or output (needs matplotlib: pip install -e '.[plot]')")
 
     output = _Parser(add_help=False)
     output.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
@@ -165,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("fxeq-demo"),
                       help="folder for the demo's files: new, empty, or made by an earlier demo, whose "
                            "files are then replaced (default: ./fxeq-demo)")
-    demo.add_argument("--size", type=_positive_int, default=128, metavar="PIXELS",
-                      help="image size (default: 128)")
-    demo.add_argument("--images", type=_positive_int, default=8, metavar="N",
-                      help="number of images to generate (default: 8)")
+    demo.add_argument("--size", type=_demo_size, default=128, metavar="PIXELS",
+                      help=f"image size, at least {DEMO_MIN_SIZE} (default: 128)")
+    demo.add_argument("--images", type=_demo_images, default=8, metavar="N",
+                      help="number of images to generate, at least 2 (default: 8)")
     demo.set_defaults(command_name="demo")
     return parser
 
@@ -202,6 +207,39 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least 2 images per batch, got {text!r}: calibration runs batch normalization with batch "
+            "statistics (as in training), which needs 2 samples where a feature map is 1x1 (e.g. ASPP image "
+            "pooling). Pass --batch-size 2 or more"
+        )
+    return value
+
+
+def _demo_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < DEMO_MIN_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {DEMO_MIN_SIZE} pixels, got {text!r}: deeplabv3_resnet50 computes its ASPP features "
+            "at 1/8 of the image, and its fusion site (the pooled branch, upsampled to them) exists only where they "
+            f"are larger than 1x1. Pass --size {DEMO_MIN_SIZE} or more, e.g. the default 128"
+        )
+    return value
+
+
+def _demo_images(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 images, got {text!r}: calibration batches hold at "
+                                         "least 2. Pass --images 2 or more")
     return value
 
 

@@ -1,9 +1,12 @@
 """``torchrun`` for the command line: ranks, the process group, who writes, who speaks.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1), ``fxeq convert`` and ``fxeq inspect``
-join a process group (gloo, or nccl for CUDA), each process calibrates on its
-share of the batches, fxeq merges the statistics across processes, and rank 0
-alone writes and prints; the others wait for it at a barrier.
+Under ``torchrun`` (its environment: ``MASTER_ADDR``, ``MASTER_PORT``,
+``RANK``, ``WORLD_SIZE``), ``fxeq convert`` and ``fxeq inspect`` join a
+process group (gloo on the CPU, nccl for CUDA), even as its only process, so
+that ``torchrun --nproc-per-node 1`` runs the path that several processes run.
+Each process calibrates on its share of the batches, fxeq merges the
+statistics across processes, and rank 0 alone writes and prints; the others
+wait for it at a barrier.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_rank_zero", "note", "process_group", "rank_zero_writes", "ranks"]
+__all__ = ["is_rank_zero", "launched", "note", "process_group", "rank_zero_writes", "ranks"]
+
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")  # what init_process_group("env://") reads
 
 
 def ranks() -> tuple[int, int]:
@@ -26,6 +31,11 @@ def ranks() -> tuple[int, int]:
     return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
 
 
+def launched() -> bool:
+    """Whether torchrun (or a launcher like it) started this process: several processes, or its environment set."""
+    return ranks()[1] > 1 or all(os.environ.get(name) for name in _LAUNCHER_ENV)
+
+
 def is_rank_zero() -> bool:
     """Whether this process writes and prints (the only one, or rank 0)."""
     return ranks()[0] == 0
@@ -33,12 +43,13 @@ def is_rank_zero() -> bool:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """torch.distributed, initialized from torchrun's environment for the block, when it started several processes.
+    """torch.distributed, initialized from torchrun's environment for the block and destroyed after it.
 
-    gloo on the CPU, nccl on CUDA. A process group the caller initialized is
-    used as it is.
+    gloo on the CPU, nccl on CUDA; under torchrun always, even with one
+    process. Outside torchrun, or when the caller initialized a process
+    group, nothing is done.
     """
-    if ranks()[1] < 2 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         yield
         return
     if device.type == "cuda":

@@ -228,6 +228,7 @@ outputs.save_converted({"w": torch.ones(1)}, sys.argv[1], {})
 """
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, None)])
 def test_a_signal_during_the_write_leaves_no_temporary_file(signum: int, status: int | None, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"

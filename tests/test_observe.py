@@ -78,6 +78,7 @@ def _merge_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_merge_across_ranks_equals_the_pooled_statistics(tmp_path):
     import socket
 

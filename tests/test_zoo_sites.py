@@ -45,6 +45,7 @@ def _slices(widths: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip([0, *stops[:-1]], stops, strict=True))
 
 
+@pytest.mark.slow  # real smp models
 @pytest.mark.parametrize(("arch", "kwargs", "upsampled", "expected"), _CASES)
 def test_smp_sites_are_found(arch: str, kwargs: dict[str, str], upsampled: int,
                              expected: dict[str, tuple[int, ...]]) -> None:

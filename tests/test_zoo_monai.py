@@ -206,7 +206,7 @@ def test_flexible_unet_without_inplace_says_no_graph_can_be_deployed() -> None:
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(fxeq.CaptureError, match=r"(?s)could not capture FlexibleUNet as a graph; tried fx, export:"
                                                 r".*A concrete trace of one eager forward works and finds 4 fusion "
-                                                r"site\(s\), but it is no graph to deploy\. Pass inplace=True"):
+                                                r"sites, but it is no graph to deploy\. Pass inplace=True"):
         fxeq.transform(model, _data((2, 3, 32, 32)))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

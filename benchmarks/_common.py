@@ -11,15 +11,23 @@ Full runs write into ``benchmarks/results/`` (committed); ``--quick`` smoke
 runs write into ``benchmarks/results/tmp/``, which git ignores, unless
 ``--out`` says otherwise.
 
+Each script writes its files again after every model, marked ``"complete":
+false`` until the last, so that a run stopped by a time limit (``gpu.sh``)
+keeps what it measured.
+
 The scripts import this module as ``_common`` (Python puts a script's own
 folder first on ``sys.path``), so they run as ``python benchmarks/<name>.py``
-from any working directory.
+from any working directory; the tests put this folder on ``sys.path`` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import importlib
+import importlib.util
+import io
 import json
 import os
 import platform
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -45,16 +54,21 @@ from fxeq.sites import Site
 __all__ = [
     "DEFAULT_RESULTS",
     "FULL_MODELS",
+    "OTHER_LIBRARIES",
+    "Option",
     "QUICK_MODELS",
     "QUICK_RESULTS",
     "Run",
     "TEST_ZOO",
+    "ZOO",
+    "ZooModel",
     "available",
     "build_model",
     "build_smp",
     "cpu_peak_memory",
-    "defaults",
+    "describe_error",
     "describe_model",
+    "find_options",
     "fusing_conv_modules",
     "interleaved_times",
     "markdown_table",
@@ -63,6 +77,8 @@ __all__ = [
     "peak_memory",
     "quiet_profiler",
     "random_images",
+    "run_models",
+    "skipped_section",
     "start",
     "stopwatch",
 ]
@@ -71,48 +87,107 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_RESULTS = DEFAULT_RESULTS / "tmp"  # git-ignored: smoke runs never dirty the tree
 
 # ---------------------------------------------------------------------------
-# Model zoo: name -> (library, constructor, encoder). Weights are never loaded.
+# Model zoo: name -> library, constructor and arguments. Weights are never loaded.
 # ---------------------------------------------------------------------------
 
-_ZOO: dict[str, tuple[str, str, str | None]] = {
-    "deeplabv3_resnet50": ("torchvision", "deeplabv3_resnet50", None),
-    "deeplabv3_resnet101": ("torchvision", "deeplabv3_resnet101", None),
-    "upernet_convnext_tiny": ("smp", "UPerNet", "tu-convnext_tiny"),
-    "pspnet_resnet50": ("smp", "PSPNet", "resnet50"),
-    "deeplabv3plus_resnet50": ("smp", "DeepLabV3Plus", "resnet50"),
-    "segformer_mit_b2": ("smp", "Segformer", "mit_b2"),
-    "unet_resnet34": ("smp", "Unet", "resnet34"),
-    "unet_resnet18": ("smp", "Unet", "resnet18"),
-    "upernet_resnet18": ("smp", "UPerNet", "resnet18"),
-    "pspnet_resnet18": ("smp", "PSPNet", "resnet18"),
-    "deeplabv3plus_resnet18": ("smp", "DeepLabV3Plus", "resnet18"),
-    "segformer_resnet18": ("smp", "Segformer", "resnet18"),
-    "upernet_convnext_atto": ("smp", "UPerNet", "tu-convnext_atto"),
-    "pspnet_convnext_atto": ("smp", "PSPNet", "tu-convnext_atto"),
-    "deeplabv3plus_convnext_atto": ("smp", "DeepLabV3Plus", "tu-convnext_atto"),
-    "segformer_convnext_atto": ("smp", "Segformer", "tu-convnext_atto"),
-    "unet_convnext_atto": ("smp", "Unet", "tu-convnext_atto"),
-    "hf_upernet_swin": ("transformers", "UperNetForSemanticSegmentation", "swin"),
-}
-
-FULL_MODELS: tuple[str, ...] = (
-    "deeplabv3_resnet50", "deeplabv3_resnet101", "upernet_convnext_tiny", "pspnet_resnet50",
-    "deeplabv3plus_resnet50", "segformer_mit_b2", "unet_resnet34",
-)
-QUICK_MODELS: tuple[str, ...] = ("unet_resnet18", "upernet_resnet18")
-TEST_ZOO: tuple[str, ...] = (
-    "deeplabv3_resnet50", "upernet_resnet18", "pspnet_resnet18", "deeplabv3plus_resnet18", "segformer_resnet18",
-    "unet_resnet18", "upernet_convnext_atto", "pspnet_convnext_atto", "deeplabv3plus_convnext_atto",
-    "segformer_convnext_atto", "unet_convnext_atto",
-)
-"""The models of ``tests/test_zoo.py`` (torchvision deeplabv3 and five smp decoders on two encoders)."""
-
 NUM_CLASSES = 21
+
+# Where each library's constructors live, and how describe_model spells that.
+_LIBRARIES: dict[str, tuple[str, str]] = {
+    "torchvision": ("torchvision.models.segmentation", "torchvision.models.segmentation"),
+    "segmentation_models_pytorch": ("segmentation_models_pytorch", "smp"),
+    "transformers": ("transformers", "transformers"),
+    "monai": ("monai.networks.nets", "monai.networks.nets"),
+    "ultralytics": ("ultralytics.nn.tasks", "ultralytics.nn.tasks"),
+}
 
 # A small Hugging Face UperNet on a Swin backbone, built from config classes
 # (no download): the model whose export with symbolic H/W took minutes.
 _HF_SWIN = {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 4}
 _HF_UPERNET = {"hidden_size": 64, "use_auxiliary_head": False}
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of the zoo: a constructor call with random weights, and what fxeq needs to find its sites.
+
+    Attributes:
+        library: the package that builds it (a key of the libraries table).
+        constructor: the class or function name in that package.
+        kwargs: the constructor's arguments.
+        find: arguments that :func:`fxeq.find` and :func:`fxeq.prepare` need
+            for this model (``all_concats=True`` where it upsamples with
+            transposed convs). Default: none.
+    """
+
+    library: str
+    constructor: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    find: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _smp(arch: str, encoder: str) -> ZooModel:
+    return ZooModel("segmentation_models_pytorch", arch,
+                    {"encoder_name": encoder, "encoder_weights": None, "classes": NUM_CLASSES})
+
+
+def _torchvision(name: str) -> ZooModel:
+    return ZooModel("torchvision", name, {"weights": None, "weights_backbone": None, "num_classes": NUM_CLASSES})
+
+
+_MONAI_2D = {"spatial_dims": 2, "in_channels": 3, "out_channels": NUM_CLASSES}
+
+ZOO: dict[str, ZooModel] = {
+    "deeplabv3_resnet50": _torchvision("deeplabv3_resnet50"),
+    "deeplabv3_resnet101": _torchvision("deeplabv3_resnet101"),
+    "upernet_convnext_tiny": _smp("UPerNet", "tu-convnext_tiny"),
+    "pspnet_resnet50": _smp("PSPNet", "resnet50"),
+    "deeplabv3plus_resnet50": _smp("DeepLabV3Plus", "resnet50"),
+    "segformer_mit_b2": _smp("Segformer", "mit_b2"),
+    "unet_resnet34": _smp("Unet", "resnet34"),
+    "unet_resnet18": _smp("Unet", "resnet18"),
+    "upernet_resnet18": _smp("UPerNet", "resnet18"),
+    "pspnet_resnet18": _smp("PSPNet", "resnet18"),
+    "deeplabv3plus_resnet18": _smp("DeepLabV3Plus", "resnet18"),
+    "segformer_resnet18": _smp("Segformer", "resnet18"),
+    "upernet_convnext_atto": _smp("UPerNet", "tu-convnext_atto"),
+    "pspnet_convnext_atto": _smp("PSPNet", "tu-convnext_atto"),
+    "deeplabv3plus_convnext_atto": _smp("DeepLabV3Plus", "tu-convnext_atto"),
+    "segformer_convnext_atto": _smp("Segformer", "tu-convnext_atto"),
+    "unet_convnext_atto": _smp("Unet", "tu-convnext_atto"),
+    "hf_upernet_swin": ZooModel("transformers", "UperNetForSemanticSegmentation"),
+    # MONAI's 2-D U-Nets: interpolation in UpCat; resnet18 FlexibleUNet only the concrete trace captures
+    # (a pooling module built in forward, .data in a cat); DynUNet upsamples with transposed convs.
+    "monai_basicunet": ZooModel("monai", "BasicUNet", {**_MONAI_2D, "upsample": "nontrainable"}),
+    "monai_flexibleunet_resnet18": ZooModel("monai", "FlexibleUNet", {
+        "in_channels": 3, "out_channels": NUM_CLASSES, "backbone": "resnet18", "pretrained": False,
+        "spatial_dims": 2}),
+    "monai_dynunet": ZooModel("monai", "DynUNet", {
+        **_MONAI_2D, "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2]},
+        find={"all_concats": True}),
+    # Ultralytics YOLOv8n from its yaml: nn.Upsample -> Concat -> C2f.cv1 in the neck.
+    "yolov8n": ZooModel("ultralytics", "DetectionModel", {"cfg": "yolov8n.yaml", "verbose": False}),
+}
+"""Every model the benchmarks can build, by name (``--models`` takes these names)."""
+
+FULL_MODELS: tuple[str, ...] = (
+    "deeplabv3_resnet50", "deeplabv3_resnet101", "upernet_convnext_tiny", "pspnet_resnet50",
+    "deeplabv3plus_resnet50", "segformer_mit_b2", "unet_resnet34",
+)
+"""The full-size models of the latency, variance and ONNX tables (calibration_cost.py has its own list)."""
+QUICK_MODELS: tuple[str, ...] = ("unet_resnet18", "upernet_resnet18")
+"""What ``--quick`` runs: one fx-captured model with 4 chained sites, one exported with 2."""
+TEST_ZOO: tuple[str, ...] = (
+    "deeplabv3_resnet50", "upernet_resnet18", "pspnet_resnet18", "deeplabv3plus_resnet18", "segformer_resnet18",
+    "unet_resnet18", "upernet_convnext_atto", "pspnet_convnext_atto", "deeplabv3plus_convnext_atto",
+    "segformer_convnext_atto", "unet_convnext_atto",
+)
+"""The models of ``tests/test_zoo.py``, which imports this list: torchvision deeplabv3 and five smp decoders on two
+encoders."""
+OTHER_LIBRARIES: tuple[str, ...] = (
+    "hf_upernet_swin", "monai_basicunet", "monai_flexibleunet_resnet18", "monai_dynunet", "yolov8n",
+)
+"""Small models of Hugging Face transformers, MONAI and Ultralytics, each skipped where its library is missing."""
 
 
 def available(name: str) -> str | None:
@@ -122,32 +197,39 @@ def available(name: str) -> str | None:
         >>> available("unet_resnet18") is None
         True
     """
-    library = _ZOO[name][0]
-    module = {"smp": "segmentation_models_pytorch"}.get(library, library)
-    try:
-        __import__(module)
-    except ImportError:
-        return f"{module} is not installed"
+    library = ZOO[name].library
+    if importlib.util.find_spec(library) is None:
+        return f"{library} is not installed (pip install -e '.[test]' installs every model library)"
     return None
 
 
+def _call(entry: ZooModel) -> str:
+    prefix = _LIBRARIES[entry.library][1]
+    if entry.library == "transformers":
+        swin = ", ".join(f"{k}={v!r}" for k, v in _HF_SWIN.items())
+        head = ", ".join(f"{k}={v!r}" for k, v in _HF_UPERNET.items())
+        return (f"{prefix}.{entry.constructor}(UperNetConfig(backbone_config=SwinConfig({swin}, drop_path_rate=0.0, "
+                f"out_features=['stage1', 'stage2', 'stage3', 'stage4']), {head}, num_labels={NUM_CLASSES}))")
+    return f"{prefix}.{entry.constructor}({', '.join(f'{k}={v!r}' for k, v in entry.kwargs.items())})"
+
+
 def describe_model(name: str) -> str:
-    """The constructor call that :func:`build_model` makes for ``name``.
+    """The constructor call that :func:`build_model` makes for ``name`` (and the options fxeq is given).
 
     Example:
         >>> describe_model("unet_resnet18")
         "smp.Unet(encoder_name='resnet18', encoder_weights=None, classes=21)"
+        >>> describe_model("monai_dynunet").endswith("; fxeq: all_concats=True")
+        True
     """
-    library, constructor, encoder = _ZOO[name]
-    if library == "torchvision":
-        return (f"torchvision.models.segmentation.{constructor}(weights=None, weights_backbone=None, "
-                f"num_classes={NUM_CLASSES})")
-    if library == "transformers":
-        swin = ", ".join(f"{k}={v!r}" for k, v in _HF_SWIN.items())
-        head = ", ".join(f"{k}={v!r}" for k, v in _HF_UPERNET.items())
-        return (f"transformers.{constructor}(UperNetConfig(backbone_config=SwinConfig({swin}, drop_path_rate=0.0, "
-                f"out_features=['stage1', 'stage2', 'stage3', 'stage4']), {head}, num_labels={NUM_CLASSES}))")
-    return f"smp.{constructor}(encoder_name={encoder!r}, encoder_weights=None, classes={NUM_CLASSES})"
+    entry = ZOO[name]
+    options = ", ".join(f"{k}={v!r}" for k, v in entry.find.items())
+    return _call(entry) + (f"; fxeq: {options}" if options else "")
+
+
+def find_options(name: str) -> dict[str, Any]:
+    """What :func:`fxeq.find` and :func:`fxeq.prepare` need for zoo model ``name`` (usually nothing)."""
+    return dict(ZOO[name].find)
 
 
 def build_smp(arch: str, encoder: str, *, classes: int = NUM_CLASSES, seed: int = 0,
@@ -173,23 +255,35 @@ def build_smp(arch: str, encoder: str, *, classes: int = NUM_CLASSES, seed: int 
     return constructor(encoder_name=encoder, encoder_weights=None, classes=classes, **kwargs)
 
 
+def _offline_ultralytics() -> None:
+    """Ultralytics reads its settings from, and writes them to, YOLO_CONFIG_DIR on import: a temporary one here,
+    and offline, so that building from a yaml never reaches the network."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        folder = tempfile.TemporaryDirectory(prefix="fxeq-bench-ultralytics-")
+        atexit.register(folder.cleanup)
+        os.environ["YOLO_CONFIG_DIR"] = folder.name
+
+
 def build_model(name: str, *, seed: int = 0) -> nn.Module:
-    """A zoo model with random weights drawn after ``torch.manual_seed(seed)``, in eval mode."""
-    library, constructor, encoder = _ZOO[name]
-    if library == "smp":
-        return build_smp(constructor, str(encoder), seed=seed).eval()
+    """A zoo model with random weights drawn after ``torch.manual_seed(seed)``, in eval mode.
+
+    Constructors that print (MONAI's BasicUNet lists its features) are kept quiet.
+    """
+    entry = ZOO[name]
+    if entry.library == "ultralytics":
+        _offline_ultralytics()
+    module = importlib.import_module(_LIBRARIES[entry.library][0])
     torch.manual_seed(seed)
-    if library == "torchvision":
-        import torchvision
-
-        build = getattr(torchvision.models.segmentation, constructor)
-        return build(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).eval()
-    import transformers
-
-    swin = transformers.SwinConfig(**_HF_SWIN, drop_path_rate=0.0,
-                                   out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = transformers.UperNetConfig(backbone_config=swin, **_HF_UPERNET, num_labels=NUM_CLASSES)
-    return getattr(transformers, constructor)(config).eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        if entry.library == "transformers":
+            swin = module.SwinConfig(**_HF_SWIN, drop_path_rate=0.0,
+                                     out_features=["stage1", "stage2", "stage3", "stage4"])
+            config = module.UperNetConfig(backbone_config=swin, **_HF_UPERNET, num_labels=NUM_CLASSES)
+            model = getattr(module, entry.constructor)(config)
+        else:
+            model = getattr(module, entry.constructor)(**entry.kwargs)
+    return model.eval()
 
 
 def random_images(count: int, batch: int, size: int, *, seed: int,
@@ -248,7 +342,8 @@ def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def interleaved_times(
-    fns: Mapping[str, Callable[[], Any]], *, reps: int, warmup: int, device: torch.device
+    fns: Mapping[str, Callable[[], Any]], *, reps: int, warmup: int, device: torch.device,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, measured round-robin (A B C A B C ...).
 
@@ -256,16 +351,49 @@ def interleaved_times(
     allocator state) over every variant alike instead of charging them to
     whichever ran last. Each function first runs ``warmup`` times, round-robin
     too. CUDA calls are timed with CUDA events.
+
+    Args:
+        failures: where a function may fail (a capture frontend that cannot
+            trace a model): its error (:func:`describe_error`) goes here under its name,
+            it is not called again, and it has no times. Without it, every
+            error propagates. Default: None.
     """
+    live = dict(fns)
+
+    def call(name: str, fn: Callable[[], Any]) -> float | None:
+        if failures is None:
+            return _time_once(fn, device)
+        try:
+            return _time_once(fn, device)
+        except Exception as e:  # noqa: BLE001 - recorded for the table, which says which variant failed and why
+            failures[name] = describe_error(e)
+            del live[name]
+            return None
+
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+        for name, fn in list(live.items()):
+            call(name, fn)
     _synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(_time_once(fn, device))
-    return times
+        for name, fn in list(live.items()):
+            seconds = call(name, fn)
+            if seconds is not None:
+                times[name].append(seconds)
+    return {name: t for name, t in times.items() if name in live}
+
+
+def describe_error(e: BaseException, limit: int = 200) -> str:
+    """An error in one line for a table: its type and its first two lines (a CaptureError's second line
+    names the frontend that failed and why), at most ``limit`` characters.
+
+    Example:
+        >>> describe_error(ValueError("could not capture X; tried fx:\\n  fx: TraceError: no"))
+        'ValueError: could not capture X; tried fx: fx: TraceError: no'
+    """
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {' '.join(lines[:2]) or '(no message)'}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
@@ -362,8 +490,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# Model libraries the zoo builds from, which fxeq.report.versions() does not cover.
-_MODEL_LIBRARIES = ("timm", "segmentation_models_pytorch", "transformers")
+# Libraries the zoo builds from and runtimes a benchmark uses, which fxeq.report.versions() does not cover;
+# the ones not installed are left out of the markdown header.
+_MODEL_LIBRARIES = ("timm", "segmentation_models_pytorch", "transformers", "monai", "ultralytics", "onnx",
+                    "onnxscript", "onnxruntime")
 
 
 def _version(package: str) -> str | None:
@@ -413,30 +543,105 @@ def environment() -> dict[str, Any]:
     }
 
 
-def parser(description: str, *, quick: str, zoo: bool = True, full_models: Sequence[str] = FULL_MODELS,
-           quick_models: Sequence[str] = QUICK_MODELS, epilog: str | None = None) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Option:
+    """A benchmark option whose default differs between a full run and ``--quick``.
+
+    Attributes:
+        help: what it sets; ``--help`` adds both defaults.
+        full: the default of a full run.
+        quick: the default with ``--quick``.
+        type: how to read one value. Default: int.
+        nargs: as in argparse (``4`` for a shape). Default: one value.
+        metavar: as in argparse. Default: the option's name in capitals.
+    """
+
+    help: str
+    full: Any
+    quick: Any
+    type: Callable[[str], Any] = int
+    nargs: int | str | None = None
+    metavar: str | tuple[str, ...] | None = None
+
+
+def _shown(value: Any, nargs: int | str | None) -> str:
+    """A default as the user types it: ``1 2`` for several arguments, ``a,b`` for a list read from one."""
+    if isinstance(value, (list, tuple)):
+        return (" " if nargs is not None else ",").join(map(str, value))
+    return str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that fills each :class:`Option` left unset with its full or ``--quick`` default."""
+
+    def __init__(self, options: Mapping[str, Option], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.options = dict(options)
+
+    def add_options(self) -> None:
+        """Add the :class:`Option` entries (after the shared options, so that ``--help`` lists those first)."""
+        for key, option in self.options.items():
+            self.add_argument("--" + key.replace("_", "-"), type=option.type, nargs=option.nargs, default=None,
+                              metavar=option.metavar,
+                              help=f"{option.help} (default: {_shown(option.full, option.nargs)}; "
+                              f"--quick: {_shown(option.quick, option.nargs)})")
+
+    def parse_args(  # type: ignore[override] # one signature of argparse's overloads
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        for key, option in self.options.items():
+            if getattr(parsed, key) is None:
+                setattr(parsed, key, option.quick if parsed.quick else option.full)
+        if "batch" in self.options and parsed.batch < 2:
+            self.error("--batch must be at least 2: batch norm with batch statistics (fxeq calibrates with them, "
+                       "training uses them) and a dynamic batch size need 2 samples")
+        device = getattr(parsed, "device", "")
+        if device == "auto":
+            parsed.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            self.error(f"--device {device}: CUDA is not available here")
+        return parsed
+
+
+def parser(description: str, *, quick: str, options: Mapping[str, Option] | None = None, zoo: bool = True,
+           device: bool = False, full_models: Sequence[str] = FULL_MODELS, quick_models: Sequence[str] = QUICK_MODELS,
+           epilog: str | None = None) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark shares.
 
     ``--quick``, ``--out``, ``--tag`` and ``--threads`` always; ``--models``
     (from the zoo) and ``--seed`` unless ``zoo=False``, for a benchmark that
-    names its models and seeds its own way.
+    names its models and seeds its own way; the script's own sizes as
+    :class:`Option` entries, filled in by ``parse_args`` (and ``--batch``
+    checked to be at least 2).
 
     Args:
         description: what the benchmark measures (shown by ``--help``).
         quick: what ``--quick`` runs instead.
+        options: per option name (``calib_batches`` is ``--calib-batches``),
+            its help and its full and quick defaults. Default: none.
         zoo: add ``--models`` and ``--seed``. Default: True.
+        device: add ``--device`` (a torch device; default cuda when
+            available, else cpu; refused when CUDA is asked for and missing). Default: False.
         full_models: the models of a full run. Default: :data:`FULL_MODELS`.
         quick_models: the models of a ``--quick`` run. Default: :data:`QUICK_MODELS`.
         epilog: text shown after the options. Default: none.
+
+    Example:
+        >>> p = parser("demo", quick="tiny", options={"size": Option("image size", 512, 64)})
+        >>> p.parse_args(["--quick"]).size, p.parse_args([]).size, p.parse_args(["--size", "8"]).size
+        (64, 512, 8)
     """
-    p = argparse.ArgumentParser(description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(options or {}, description=description, epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(full_models=list(full_models), quick_models=list(quick_models))
     p.add_argument("--quick", action="store_true", help=f"smoke-test settings: {quick}")
     if zoo:
-        p.add_argument("--models", nargs="+", choices=sorted(_ZOO), metavar="NAME",
+        p.add_argument("--models", nargs="+", choices=sorted(ZOO), metavar="NAME",
                        help=f"models to run (default: {' '.join(full_models)}; with --quick: "
-                       f"{' '.join(quick_models)}); choices: {', '.join(sorted(_ZOO))}")
+                       f"{' '.join(quick_models)}); choices: {', '.join(sorted(ZOO))}")
+    if device:
+        p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the result files, JSON, markdown and any plots (default: benchmarks/results/; "
                    "with --quick: benchmarks/results/tmp/, which git ignores)")
@@ -446,6 +651,7 @@ def parser(description: str, *, quick: str, zoo: bool = True, full_models: Seque
                    help="torch CPU threads (default: torch's own choice; the number used is recorded)")
     if zoo:
         p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images (default: 0)")
+    p.add_options()
     return p
 
 
@@ -469,7 +675,7 @@ class Run:
         fallback = getattr(args, "quick_models" if args.quick else "full_models", None)
         if fallback is None:
             fallback = QUICK_MODELS if args.quick else FULL_MODELS
-        self.models = list(args.models or fallback)
+        self.models = list(getattr(args, "models", None) or fallback)
 
     @property
     def stem(self) -> str:
@@ -480,8 +686,12 @@ class Run:
         """Path of a result file with this run's stem (``.json``, ``.md``, ``.png``)."""
         return self.args.out / f"{self.stem}{suffix}"
 
-    def write(self, data: Mapping[str, Any], sections: Sequence[str]) -> tuple[Path, Path]:
+    def write(self, data: Mapping[str, Any], sections: Sequence[str], *, complete: bool = True) -> tuple[Path, Path]:
         """Write ``<stem>.json`` (environment, settings, data) and ``<stem>.md`` (tables).
+
+        Args:
+            complete: whether the run is over. A partial write (after each
+                model) says so in both files and prints nothing. Default: True.
 
         Returns:
             The JSON and markdown paths.
@@ -491,6 +701,7 @@ class Run:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items() if k not in hidden}
         record = {
             "benchmark": self.name,
+            "complete": complete,
             "environment": self.environment,
             "settings": {**settings, "models": self.models},
             "duration_s": round(time.perf_counter() - self.begin, 1),
@@ -498,7 +709,7 @@ class Run:
             **data,
         }
         json_path, md_path = self.path(".json"), self.path(".md")
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        _write_atomically(json_path, json.dumps(record, indent=2) + "\n")
         env = self.environment
         device = env["device"]
         where = f"{device['cpu']} ({device['cpu_count']} CPUs, {device['torch_threads']} torch threads)"
@@ -516,10 +727,20 @@ class Run:
             f"{record['load_average_1m_end']} at end)",
             "",
         ]
-        md_path.write_text("\n".join(header) + "\n" + "\n\n".join(s.rstrip() for s in sections) + "\n")
-        print(md_path.read_text())
-        print(f"wrote {json_path} and {md_path}")
+        if not complete:
+            header[1:1] = ["", "**Partial: the run had not finished when this was written.**"]
+        _write_atomically(md_path, "\n".join(header) + "\n" + "\n\n".join(s.rstrip() for s in sections) + "\n")
+        if complete:
+            print(md_path.read_text())
+            print(f"wrote {json_path} and {md_path}")
         return json_path, md_path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so that a run killed mid-write leaves the previous file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def start(name: str, args: argparse.Namespace) -> Run:
@@ -529,11 +750,43 @@ def start(name: str, args: argparse.Namespace) -> Run:
     return Run(name, args)
 
 
-def defaults(args: argparse.Namespace, full: Mapping[str, Any], quick: Mapping[str, Any]) -> None:
-    """Fill the options left at None with the full or ``--quick`` value."""
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+def run_models(run: Run, bench: Callable[[str], dict[str, Any]],
+               markdown: Callable[[list[dict[str, Any]], dict[str, str]], list[str]],
+               data: Mapping[str, Any] | None = None) -> int:
+    """Benchmark each of the run's models in turn, writing the result files after each; return the exit status.
+
+    A model whose library is missing is skipped, with the reason under
+    ``"skipped"`` (and in ``markdown``'s second argument).
+
+    Args:
+        run: from :func:`start`.
+        bench: measures one model by name; returns its JSON record.
+        markdown: the markdown sections, from the records so far and the skipped models.
+        data: further JSON fields (targets...). Default: none.
+    """
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+
+    def write(complete: bool) -> None:
+        run.write({**(data or {}), "results": results, "skipped": skipped}, markdown(results, skipped),
+                  complete=complete)
+
+    for name in run.models:
+        reason = available(name)
+        if reason is not None:
+            skipped[name] = reason
+            print(f"{run.name}: {name} skipped: {reason}", file=sys.stderr, flush=True)
+            continue
+        print(f"{run.name}: {name}", file=sys.stderr, flush=True)
+        results.append(bench(name))
+        write(complete=False)
+    write(complete=True)
+    return 0
+
+
+def skipped_section(skipped: Mapping[str, str]) -> list[str]:
+    """A markdown section listing the models that were not run and why (none when every model ran)."""
+    return ["## not run\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in skipped.items())] if skipped else []
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -24,8 +24,10 @@ add work at run time. Per model it times four variants:
 Inference runs in eval mode under ``torch.no_grad``; the training step is a
 forward and a backward of the output's sum in train mode. CPU runs in float32;
 CUDA, when present, in float32 and under bfloat16 autocast, timed with CUDA
-events. After warm-up the variants run round-robin (A B C D A B C D ...) and
-the tables give medians and each variant's ratio to the original.
+events. fxeq captures and calibrates the model on each device it is timed on
+(random batches of the timed size), so that a GPU run spends no CPU time on
+calibration. After warm-up the variants run round-robin (A B C D A B C D ...)
+and the tables give medians and each variant's ratio to the original.
 
 It also checks that the transformed graph's node sequence (op, target) is the
 one ``fxeq.capture`` gives for the original model: fxeq must add no node.
@@ -51,8 +53,8 @@ from fxeq.report import Report
 from fxeq.sites import Site
 
 from _common import (
-    build_model, defaults, describe_model, fusing_conv_modules, interleaved_times, markdown_table, output_tensor,
-    parser, random_images, start,
+    Option, build_model, describe_model, find_options, fusing_conv_modules, interleaved_times, markdown_table,
+    output_tensor, parser, random_images, run_models, skipped_section, start,
 )
 
 __all__ = ["UpsampledBatchNorm", "attach_batchnorms", "main"]
@@ -188,45 +190,49 @@ def _time_variants(variants: dict[str, nn.Module], x: torch.Tensor, device: torc
                     dtype=str(dtype).removeprefix("torch."))
 
 
-def bench_model(name: str, args: argparse.Namespace, devices: Sequence[torch.device]) -> dict[str, Any]:
-    """Build the four variants of one model, check the graph, time them on each device."""
-    model = build_model(name, seed=args.seed)
-    batches = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1)
+def _variants(model: nn.Module, name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """fxeq's and the alternatives' models of one model on one device, calibrated there."""
+    model.to(device)
+    batches = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1, device=device)
+    options = find_options(name)
     # The deployable graph (inference) and the private copy of the model it was captured from, which convert
     # rewrote too, in the model's own class (training): both share the folded parameters.
-    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0]), batches, progress=False)
+    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0], **options), batches, progress=False)
     deployed = fxeq.convert(prepared)
     fxeq_model = prepared.model
-    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0]), batches, progress=False)
+    prepared = fxeq.calibrate(fxeq.prepare(model, batches[0], **options), batches, progress=False)
     explicit = fxeq.convert(prepared, mode="explicit")
-    explicit_model = prepared.model
     report: Report = deployed.fxeq_report
     reference = fxeq.capture(model, (batches[0],), frontend=report.frontend).module  # type: ignore[arg-type]
-    same_graph = _node_sequence(reference) == _node_sequence(deployed)
     batchnorm = attach_batchnorms(copy.deepcopy(model), report)
-    entry: dict[str, Any] = {
-        "model": name,
-        "constructor": describe_model(name),
-        "frontend": report.frontend,
-        "sites": len(report.search.sites),
-        "fusing_convs": sorted(fusing_conv_modules(report)),
-        "upsampled_inputs": sum(1 for s in report.search.sites for i in s.inputs if i.upsample),
-        "graph_identical": same_graph,
+    return {
+        "report": report, "x": batches[0], "same_graph": _node_sequence(reference) == _node_sequence(deployed),
         "graph_nodes": len(deployed.graph.nodes),
-        "timings": [],
+        "inference": {"original": model, "fxeq": deployed, "explicit": explicit, "batchnorm": batchnorm},
+        "train": {"original": model, "fxeq": fxeq_model, "explicit": prepared.model, "batchnorm": batchnorm},
     }
+
+
+def bench_model(name: str, args: argparse.Namespace, devices: Sequence[torch.device]) -> dict[str, Any]:
+    """Build the four variants of one model on each device (calibrated there), check the graph, time them."""
+    model = build_model(name, seed=args.seed)
+    entry: dict[str, Any] = {"model": name, "constructor": describe_model(name), "timings": []}
+    same_graph = []
     for device in devices:
-        for module in (model, fxeq_model, deployed, explicit_model, explicit, batchnorm):
-            module.to(device)
-        x = batches[0].to(device)
+        built = _variants(model, name, args, device)
+        report = built["report"]
+        same_graph.append(built["same_graph"])
+        entry.update({
+            "frontend": report.frontend, "sites": len(report.search.sites),
+            "fusing_convs": sorted(fusing_conv_modules(report)),
+            "upsampled_inputs": sum(1 for s in report.search.sites for i in s.inputs if i.upsample),
+            "graph_nodes": built["graph_nodes"],
+        })
         for dtype in _precisions(device):
-            if "inference" in args.modes:
-                variants = {"original": model, "fxeq": deployed, "explicit": explicit, "batchnorm": batchnorm}
-                entry["timings"].append(_time_variants(variants, x, device, dtype, args, training=False))
-            if "train" in args.modes:
-                variants = {"original": model, "fxeq": fxeq_model, "explicit": explicit_model,
-                            "batchnorm": batchnorm}
-                entry["timings"].append(_time_variants(variants, x, device, dtype, args, training=True))
+            for mode in args.modes:
+                entry["timings"].append(_time_variants(built[mode], built["x"], device, dtype, args,
+                                                       training=mode == "train"))
+    entry["graph_identical"] = all(same_graph)
     return entry
 
 
@@ -262,27 +268,24 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> list[s
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = parser(__doc__.split("\n\n")[0] + "\n\nTimes original, fxeq, explicit-equalizer and batch-norm variants; "
                "see the module docstring for what each variant is.",
-               quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 2 repetitions, 1 warm-up")
-    p.add_argument("--size", type=int, help="input height and width (default: 512; --quick: 64)")
-    p.add_argument("--batch", type=int, help="batch size of the timed input (default: 8; --quick: 2)")
-    p.add_argument("--reps", type=int, help="timed repetitions per variant (default: 20; --quick: 2)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up calls per variant (default: 3; --quick: 1)")
+               quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 2 repetitions, 1 warm-up", options={
+                   "size": Option("input height and width", 512, 64),
+                   "batch": Option("batch size of the timed input, at least 2", 8, 2),
+                   "reps": Option("timed repetitions per variant", 20, 2),
+                   "warmup": Option("untimed warm-up calls per variant", 3, 1),
+               })
     p.add_argument("--calib-batches", type=int, default=2,
-                   help="random batches fxeq calibrates on, each of --batch images (default: 2)")
+                   help="random batches fxeq calibrates on, each of --batch images, on each timed device (default: 2)")
     p.add_argument("--modes", nargs="+", choices=("inference", "train"), default=["inference", "train"],
                    help="what to time (default: inference train)")
     p.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
                    help="devices (default: cpu, and cuda when available); CPU runs float32, CUDA float32 "
-                   "and bfloat16 autocast")
+                   "and bfloat16 autocast; fxeq captures and calibrates on each device it is timed on")
     args = p.parse_args(argv)
-    defaults(args, full={"size": 512, "batch": 8, "reps": 20, "warmup": 3},
-             quick={"size": 64, "batch": 2, "reps": 2, "warmup": 1})
     if args.devices is None:
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if "cuda" in args.devices and not torch.cuda.is_available():
         p.error("--devices cuda: CUDA is not available")
-    if args.batch < 2:
-        p.error("--batch must be at least 2 (train-mode batch norm and fxeq calibration need 2 samples)")
     return args
 
 
@@ -291,12 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     run = start("latency", args)
     devices = [torch.device(d) for d in args.devices]
-    results = []
-    for name in run.models:
-        print(f"latency: {name}", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args, devices))
-    run.write({"results": results}, _markdown(results, args))
-    return 0
+    return run_models(run, lambda name: bench_model(name, args, devices),
+                      lambda results, skipped: _markdown(results, args) + skipped_section(skipped))
 
 
 if __name__ == "__main__":

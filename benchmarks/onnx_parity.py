@@ -8,6 +8,8 @@ that ONNX Runtime (CPU execution provider) computes the PyTorch outputs of
 each; then it times the two sessions side by side: after warm-up they run
 interleaved (A B A B ...), and the table gives medians and the ratio of fxeq
 to the original, which must sit at 1.00 within noise (nothing is asserted).
+The graphs' node counts and whether their op sequences agree come first in
+the table, so that it can go into the README as it is.
 
 Needs ``onnx``, ``onnxscript`` and ``onnxruntime``: ``pip install -e '.[onnx]'``.
 
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,20 +33,25 @@ from torch import nn
 
 import fxeq
 
-from _common import build_model, defaults, describe_model, markdown_table, output_tensor, parser, random_images, start
+from _common import (
+    Option, build_model, describe_model, find_options, interleaved_times, markdown_table, output_tensor, parser,
+    random_images, run_models, skipped_section, start,
+)
 
 __all__ = ["main"]
 
-_EXTRA = "pip install -e '.[onnx]' (onnx, onnxscript and onnxruntime)"
+_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+_INSTALL = "pip install -e '.[onnx]'"
 
 
 def _runtime() -> Any:
-    try:
-        import onnx  # noqa: F401, PLC0415 - optional
-        import onnxruntime  # noqa: PLC0415
-        import onnxscript  # noqa: F401, PLC0415
-    except ImportError as e:
-        raise SystemExit(f"onnx_parity: this benchmark needs {_EXTRA}; missing: {e.name}") from e
+    """ONNX Runtime, or an exit that names the missing packages and the extra that installs them."""
+    missing = [name for name in _PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"onnx_parity: this benchmark needs onnx, onnxscript and onnxruntime; missing: "
+                         f"{', '.join(missing)}. Install them with: {_INSTALL}")
+    import onnxruntime  # noqa: PLC0415 - optional
+
     return onnxruntime
 
 
@@ -77,67 +84,72 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ort = _runtime()
     model = build_model(name, seed=args.seed).eval()
     batches = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1)
-    deployed = fxeq.transform(copy.deepcopy(model), batches, dynamic=False, progress=False)
+    deployed = fxeq.transform(copy.deepcopy(model), batches, dynamic=False, progress=False, **find_options(name))
     x = batches[0]
     with tempfile.TemporaryDirectory() as folder:
         graphs = {v: _export(m, x, Path(folder) / f"{v}.onnx") for v, m in (("original", model), ("fxeq", deployed))}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads or 0
-        sessions = {v: ort.InferenceSession(g.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                    for v, g in graphs.items()}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads or 0
+    sessions = {v: ort.InferenceSession(g.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for v, g in graphs.items()}
     feed = {v: {s.get_inputs()[0].name: x.numpy()} for v, s in sessions.items()}
     with torch.no_grad():
         expected = {"original": output_tensor(model(x)), "fxeq": output_tensor(deployed(x))}
     error = {v: float((torch.from_numpy(sessions[v].run(None, feed[v])[0]) - expected[v]).abs().max())
              for v in sessions}
-    for v in sessions:  # warm-up
-        for _ in range(args.warmup):
-            sessions[v].run(None, feed[v])
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    for _ in range(args.reps):
-        for v in sessions:
-            begin = time.perf_counter()
-            sessions[v].run(None, feed[v])
-            times[v].append((time.perf_counter() - begin) * 1000)
-    medians = {v: statistics.median(t) for v, t in times.items()}
+    calls = {v: (lambda v=v: sessions[v].run(None, feed[v])) for v in sessions}
+    times = interleaved_times(calls, reps=args.reps, warmup=args.warmup, device=torch.device("cpu"))
+    times_ms = {v: [t * 1e3 for t in ts] for v, ts in times.items()}
+    medians = {v: statistics.median(t) for v, t in times_ms.items()}
     signatures = {v: _signature(g) for v, g in graphs.items()}
     return {
         "model": name, "constructor": describe_model(name), "sites": len(deployed.fxeq_report.search.sites),
-        "onnx_nodes": len(signatures["original"]["ops"]),
+        "onnx_nodes": {v: len(s["ops"]) for v, s in signatures.items()},
         "same_nodes": signatures["original"]["ops"] == signatures["fxeq"]["ops"],
         "same_initializers": signatures["original"]["initializers"] == signatures["fxeq"]["initializers"],
-        "max_abs_error_vs_torch": error, "times_ms": times, "median_ms": medians,
+        "max_abs_error_vs_torch": error, "times_ms": times_ms, "median_ms": medians,
         "ratio": medians["fxeq"] / medians["original"],
     }
 
 
-def _markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    rows = [[r["model"], r["sites"], r["onnx_nodes"], "yes" if r["same_nodes"] else "**no**",
-             "yes" if r["same_initializers"] else "**no**", f"{r['median_ms']['original']:.1f}",
-             f"{r['median_ms']['fxeq']:.1f}", f"**{r['ratio']:.3f}x**",
-             f"{max(r['max_abs_error_vs_torch'].values()):.1e}"] for r in results]
+def _yes(value: bool) -> str:
+    return "yes" if value else "**no**"
+
+
+def _markdown(results: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace) -> list[str]:
+    rows = [[r["model"], r["sites"], r["onnx_nodes"]["original"], r["onnx_nodes"]["fxeq"], _yes(r["same_nodes"]),
+             f"{r['median_ms']['original']:.1f}", f"{r['median_ms']['fxeq']:.1f}", f"{r['ratio']:.3f}x"]
+            for r in results]
+    checks = [[r["model"], _yes(r["same_initializers"]), f"{r['max_abs_error_vs_torch']['original']:.1e}",
+               f"{r['max_abs_error_vs_torch']['fxeq']:.1e}"] for r in results]
     return [
-        f"## ONNX Runtime, CPU execution provider\n\nInput {args.batch}x3x{args.size}x{args.size}, float32; median ms "
-        f"over {args.reps} interleaved runs after {args.warmup} warm-up.\n\n"
-        + markdown_table(["model", "sites", "ONNX nodes", "same nodes", "same initializers", "original ms",
-                          "fxeq ms", "ratio", "max |ORT - torch|"], rows),
-        "## what is compared\n\n- same nodes: the exported graphs' op types, in order, are identical\n"
-        "- same initializers: the same names and shapes (only the values of the fusing convs differ)\n"
-        "- max |ORT - torch|: ONNX Runtime's output against PyTorch's, for either model",
+        f"## ONNX: the original and fxeq's graph, ONNX Runtime on the CPU\n\n"
+        f"`torch.onnx.export(..., dynamo=True)` of the model and of the GraphModule `fxeq.transform` returns "
+        f"(static shapes); input {args.batch}x3x{args.size}x{args.size}, float32; ONNX Runtime's CPU execution "
+        f"provider, median ms over {args.reps} interleaved runs after {args.warmup} warm-up, and fxeq / original. "
+        "`same sequence`: the two graphs' op types, in order, are identical.\n\n"
+        + markdown_table(["model", "sites", "ONNX nodes, original", "ONNX nodes, fxeq", "same sequence",
+                          "ORT CPU original ms", "ORT CPU fxeq ms", "ratio"], rows),
+        "## checks\n\n`same initializers`: the same names and shapes (only the fusing convs' values differ); "
+        "`max abs(ORT - torch)`: the largest difference between ONNX Runtime's output and PyTorch's, per model."
+        "\n\n"
+        + markdown_table(["model", "same initializers", "max abs(ORT - torch), original",
+                          "max abs(ORT - torch), fxeq"], checks),
+        "## models\n\n" + "\n".join(f"- `{r['model']}`: `{r['constructor']}`" for r in results),
+        *skipped_section(skipped),
     ]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = parser(__doc__.split("\n\n")[0], quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 3 runs")
-    p.add_argument("--size", type=int, help="input height and width (default: 256; --quick: 64)")
-    p.add_argument("--batch", type=int, help="batch size (default: 2; --quick: 2)")
-    p.add_argument("--reps", type=int, help="timed runs per model (default: 20; --quick: 3)")
-    p.add_argument("--warmup", type=int, help="untimed runs per model (default: 3; --quick: 1)")
+    p = parser(__doc__.split("\n\n")[0] + f"\n\nNeeds onnx, onnxscript and onnxruntime: {_INSTALL}.",
+               quick="unet_resnet18 and upernet_resnet18 at 64x64, batch 2, 3 runs, 1 warm-up", options={
+                   "size": Option("input height and width", 256, 64),
+                   "batch": Option("batch size, at least 2", 2, 2),
+                   "reps": Option("timed runs per model", 20, 3),
+                   "warmup": Option("untimed runs per model", 3, 1),
+               })
     p.add_argument("--calib-batches", type=int, default=2, help="random calibration batches (default: 2)")
-    args = p.parse_args(argv)
-    defaults(args, full={"size": 256, "batch": 2, "reps": 20, "warmup": 3},
-             quick={"size": 64, "batch": 2, "reps": 3, "warmup": 1})
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,12 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     _runtime()
     run = start("onnx_parity", args)
-    results = []
-    for name in run.models:
-        print(f"onnx_parity: {name}", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args))
-    run.write({"results": results}, _markdown(results, args))
-    return 0
+    return run_models(run, lambda name: bench_model(name, args),
+                      lambda results, skipped: _markdown(results, skipped, args))
 
 
 if __name__ == "__main__":

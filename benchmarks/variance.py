@@ -53,7 +53,7 @@ from fxeq.observe import SiteObservers
 from fxeq.report import Report
 from fxeq.sites import Site
 
-from _common import build_model, defaults, describe_model, markdown_table, parser, random_images, start
+from _common import Option, build_model, describe_model, markdown_table, parser, random_images, start
 
 __all__ = ["closed_form", "disequilibrium", "even_formula", "iid_ratios", "main", "paper_ratios", "slice_stds"]
 
@@ -129,7 +129,7 @@ def slice_stds(model: nn.Module, sites: Sequence[Site],
     """Population std of each input of each site, as its fusing conv receives it, over ``batches``.
 
     fxeq's own observers (:class:`fxeq.observe.SiteObservers`) under its
-    calibration semantics (:func:`fxeq.calibration.calibration_mode`: batch
+    calibration semantics (``fxeq._model.calibration_mode``: batch
     norm with batch statistics, everything else in eval mode), all sites in
     one pass over ``model`` as it is: upstream folds count, nothing is folded.
     """
@@ -254,29 +254,21 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = parser(__doc__.split("\n\n")[0] + "\n\nUpsampling variance against the closed form, the paper's "
                "variance script, and the disequilibrium of real decoders before and after fxeq.",
                quick="small tensors (i.i.d. 2x4x32x32, paper setup N,H,W,C = 2,32,32,16 at 3 variances) and "
-               "unet_resnet18, upernet_resnet18 at 64x64")
-    p.add_argument("--iid-shape", type=int, nargs=4, metavar=("N", "C", "H", "W"),
-                   help="shape of the i.i.d. input (default: 4 8 128 128; --quick: 2 4 32 32)")
+               "unet_resnet18, upernet_resnet18 at 64x64", options={
+                   "iid_shape": Option("shape of the i.i.d. input", [4, 8, 128, 128], [2, 4, 32, 32],
+                                       nargs=4, metavar=("N", "C", "H", "W")),
+                   "paper_shape": Option("shape of the paper's setup", [16, 128, 128, 256], [2, 32, 32, 16],
+                                         nargs=4, metavar=("N", "H", "W", "C")),
+                   "variances": Option("number of variances v, evenly spaced from 0.01 to 0.99", 8, 3),
+                   "size": Option("image size of the disequilibrium survey", 512, 64),
+                   "batch": Option("images per batch, at least 2", 2, 2),
+                   "calib_batches": Option("batches fxeq calibrates on", 2, 1),
+                   "fresh_batches": Option("other batches the stds are re-measured on", 2, 1),
+               })
     p.add_argument("--ratios", type=int, nargs="+", default=list(range(2, 9)),
                    help="integer upsampling ratios (default: 2 3 4 5 6 7 8)")
-    p.add_argument("--paper-shape", type=int, nargs=4, metavar=("N", "H", "W", "C"),
-                   help="shape of the paper's setup (default: 16 128 128 256; --quick: 2 32 32 16)")
-    p.add_argument("--variances", type=int,
-                   help="number of variances v, evenly spaced from 0.01 to 0.99 (default: 8; --quick: 3)")
-    p.add_argument("--size", type=int, help="image size of the disequilibrium survey (default: 512; --quick: 64)")
-    p.add_argument("--batch", type=int, help="images per batch, at least 2 (default: 2; --quick: 2)")
-    p.add_argument("--calib-batches", type=int, help="batches fxeq calibrates on (default: 2; --quick: 1)")
-    p.add_argument("--fresh-batches", type=int,
-                   help="other batches the stds are re-measured on (default: 2; --quick: 1)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
     args = p.parse_args(argv)
-    defaults(args,
-             full={"iid_shape": [4, 8, 128, 128], "paper_shape": [16, 128, 128, 256], "variances": 8,
-                   "size": 512, "batch": 2, "calib_batches": 2, "fresh_batches": 2},
-             quick={"iid_shape": [2, 4, 32, 32], "paper_shape": [2, 32, 32, 16], "variances": 3,
-                    "size": 64, "batch": 2, "calib_batches": 1, "fresh_batches": 1})
-    if args.batch < 2:
-        p.error("--batch must be at least 2 (batch norm with batch statistics)")
     if min(args.ratios) < 1:
         p.error("--ratios must be positive integers")
     return args

@@ -1,4 +1,4 @@
-"""benchmarks/train_quality.py: the synthetic data, the metrics, and a ``--quick`` run end to end.
+"""experiments/train_quality.py: the synthetic data, the metrics, and a ``--quick`` run end to end.
 
 The run's mIoU and timings depend on the machine and are never asserted. What
 does not is checked against an independent computation: the step-0 gradient
@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("segmentation_models_pytorch")
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+sys.path[:0] = [str(ROOT / "benchmarks"), str(EXPERIMENTS)]
 
-import _common  # noqa: E402 - the benchmarks folder, put on the path above
+import _common  # noqa: E402 - the benchmarks and experiments folders, put on the path above
 import _tq_data  # noqa: E402
 import _tq_experiment  # noqa: E402
 import train_quality  # noqa: E402
@@ -66,13 +67,30 @@ def test_shares_the_common_options() -> None:
     args = train_quality.parse_args(["--quick"])
     assert args.threads == 1 and args.tag == "" and args.out is None  # None: _common.Run picks results/tmp/
     assert _common.Run("train_quality", args).path(".json").parent == _common.QUICK_RESULTS
+    assert (args.iters, args.archs, args.seeds) == (20, ["PSPNet"], [0])
+    full = train_quality.parse_args(["--seeds", "3,4", "--device", "cpu"])
+    assert (full.iters, full.archs, full.seeds, full.threads) == (400, ["UPerNet", "PSPNet"], [3, 4], None)
+
+
+def test_a_budget_stops_before_the_next_run(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert train_quality.main(["--quick", "--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "train_quality-quick.json").read_text())
+    assert record["complete"] is True and record["runs"] == [] and record["pretraining"] == []
+    assert record["budget"] == {"seconds": 0.0, "stopped": True, "runs": 0, "planned": 6}
+    markdown = (tmp_path / "train_quality-quick.md").read_text()
+    assert "budget stopped the run after 0 of 6 training runs" in markdown
+    assert "No equalized config has a `none` run" in markdown
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     # A subprocess: the script as a user runs it, its sibling modules found from its own folder.
     out = tmp_path_factory.mktemp("train_quality")
-    command = [sys.executable, str(BENCHMARKS / "train_quality.py"), "--quick", "--device", "cpu", "--out", str(out)]
+    command = [sys.executable, str(EXPERIMENTS / "train_quality.py"), "--quick", "--device", "cpu", "--out", str(out)]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "train_quality-quick.json").read_text())
@@ -87,6 +105,8 @@ def test_quick_run_records_environment(quick_run: tuple[dict[str, Any], str]) ->
     assert env["device"]["cpu"] and "device:" in markdown and "command:" in markdown
     assert record["settings"]["protocols"] == ["scratch", "finetune"] and record["settings"]["threads"] == 1
     assert env["device"]["torch_threads"] == 1
+    assert record["complete"] is True and record["budget"] == {"seconds": None, "stopped": False, "runs": 6,
+                                                               "planned": 6}
 
 
 def test_quick_run_summarizes_every_config(quick_run: tuple[dict[str, Any], str]) -> None:

@@ -1,45 +1,43 @@
 """Real segmentation models: torchvision (fx) and segmentation-models-pytorch (export).
 
-Each is transformed with random weights and random calibration batches, then
+The models are the benchmarks' test zoo (``benchmarks/_common.py``,
+``TEST_ZOO``: torchvision deeplabv3 and five smp decoders on two encoders),
+built there, so that ``capture_cost.py`` times the models tested here. Each
+is transformed with random weights and random calibration batches, then
 checked against the explicit equalizer attached to the original model.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torchvision
 from models import explicit_oracle
 from torch import nn
 
 import fxeq
 from fxeq.capturing import capture
 
-smp = pytest.importorskip("segmentation_models_pytorch")
+pytest.importorskip("segmentation_models_pytorch")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import _common  # noqa: E402 - the benchmarks folder, put on the path above
+
 pytestmark = pytest.mark.slow
 
-_SMP = ["UPerNet", "PSPNet", "DeepLabV3Plus", "Segformer", "Unet"]
-_ENCODERS = ["resnet18", "tu-convnext_atto"]
+
+def _frontend(name: str) -> str:
+    """fx traces torchvision's models and smp's Unet; the other smp decoders check shapes in forward: export."""
+    entry = _common.ZOO[name]
+    return "fx" if entry.library == "torchvision" or entry.constructor == "Unet" else "export"
 
 
-def _zoo() -> list:
-    cases = [pytest.param(
-        lambda: torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5),
-        "fx", id="torchvision-deeplabv3_resnet50",
-    )]
-    for arch in _SMP:
-        for encoder in _ENCODERS:
-            def build(a: str = arch, e: str = encoder) -> nn.Module:
-                return getattr(smp, a)(encoder_name=e, encoder_weights=None, classes=3)
-
-            cases.append(pytest.param(build, "fx" if arch == "Unet" else "export", id=f"smp-{arch}-{encoder}"))
-    return cases
-
-
-@pytest.mark.parametrize(("build", "frontend"), _zoo())
-def test_zoo_model(build, frontend: str) -> None:
-    torch.manual_seed(0)
-    model: nn.Module = build().eval()
+@pytest.mark.parametrize("name", _common.TEST_ZOO)
+def test_zoo_model(name: str) -> None:
+    frontend = _frontend(name)
+    model: nn.Module = _common.build_model(name, seed=0)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)]
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -55,7 +53,7 @@ def test_zoo_model(build, frontend: str) -> None:
     ops = [[(n.op, str(n.target)) for n in gm.graph.nodes] for gm in (deployed, reference)]
     assert ops[0] == ops[1]
     assert set(deployed.state_dict()) == set(reference.state_dict())
-    folded = {name for s in report.search.sites for c in s.convs for name in (c.weight, c.bias) if name}
+    folded = {p for s in report.search.sites for c in s.convs for p in (c.weight, c.bias) if p}
     changed = {k for k, v in deployed.state_dict().items() if not torch.equal(v, original[k])}
     assert changed <= folded and changed, (changed, folded)
 

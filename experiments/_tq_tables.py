@@ -48,7 +48,10 @@ def _config_tables(summary: Sequence[dict[str, Any]], modes: Sequence[str]) -> l
 
 
 def _not_helped(summary: Sequence[dict[str, Any]]) -> str:
-    worse = [e for e in summary if e.get("diff_vs_none_mean") is not None and e["diff_vs_none_mean"] <= 0]
+    compared = [e for e in summary if e.get("diff_vs_none_mean") is not None]
+    if not compared:
+        return "No equalized config has a `none` run of the same seed to compare with."
+    worse = [e for e in compared if e["diff_vs_none_mean"] <= 0]
     if not worse:
         return "Every equalized config scored above `none` on average over its seeds."
     lines = [f"- {e['protocol']} {e['arch']}/{e['encoder']} {e['optimizer']} {e['mode']}: "
@@ -117,7 +120,7 @@ def _settings_text(args: argparse.Namespace, lr: Mapping[str, float], pretrainin
             lines.append(f"- finetune: encoder weights from `{args.encoder_weights}`")
         else:
             task_a = ", ".join(f"{p['arch']}/{p['encoder']} seed {p['seed']}: {p['task_a_miou']:.1f}"
-                               for p in pretraining)
+                               for p in pretraining) or "none finished"
             lines.append(f"- finetune: encoder pretrained on synthetic task A for {args.pretrain_iters} iterations "
                          f"(AdamW lr {DEFAULT_LR['adamw']:g}), fresh decoder; task-A mIoU after pretraining: "
                          f"{task_a}")

@@ -23,8 +23,11 @@ Two protocols:
 The pieces live beside this script: ``_tq_data.py`` (the synthetic tasks and
 a user's folders), ``_tq_experiment.py`` (training, finalize, evaluation and
 the summary over seeds) and ``_tq_tables.py`` (the markdown report); the
-options, environment record and result files shared by every benchmark come
-from ``_common.py``.
+options, environment record and result files come from the benchmarks'
+``benchmarks/_common.py``, and the results go to ``benchmarks/results/`` as
+theirs do. The files are written again after every run (marked partial until
+the last), and ``--budget-s`` starts no new run once that many seconds have
+passed, so that a run under a time limit keeps what it trained.
 
 Run ``python benchmarks/train_quality.py --help`` for the options.
 """
@@ -35,30 +38,23 @@ import argparse
 import json
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from _common import defaults, parser, start
-from _tq_data import TASK_A_CLASSES, TASK_B, FolderSource, Source, SyntheticSource, SyntheticTask
-from _tq_experiment import DEFAULT_LR, MODES, OPTIMIZERS, PROTOCOLS, WEIGHT_DECAY, Setting, run_all, summarize
-from _tq_tables import markdown_sections
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # _common: options, result files
+
+from _common import Option, parser, start  # noqa: E402 - found through the path above
+from _tq_data import TASK_A_CLASSES, TASK_B, FolderSource, Source, SyntheticSource, SyntheticTask  # noqa: E402
+from _tq_experiment import (  # noqa: E402
+    DEFAULT_LR, MODES, OPTIMIZERS, PROTOCOLS, WEIGHT_DECAY, Progress, Setting, run_all, summarize,
+)
+from _tq_tables import markdown_sections  # noqa: E402
 
 __all__ = ["build_parser", "main", "parse_args", "parse_lr"]
-
-_FULL: dict[str, Any] = {
-    "archs": ["UPerNet", "PSPNet"], "encoders": ["resnet18"], "optimizers": list(OPTIMIZERS),
-    "modes": list(MODES), "seeds": [0, 1, 2], "iters": 400, "pretrain_iters": 400, "batch": 8, "size": 128,
-    "eval_images": 128, "calib_batches": 4, "protocol": "both", "threads": None,
-}
-_QUICK: dict[str, Any] = {
-    "archs": ["PSPNet"], "encoders": ["resnet18"], "optimizers": ["sgd"],
-    "modes": ["none", "init", "reparam"], "seeds": [0], "iters": 20, "pretrain_iters": 10, "batch": 4, "size": 64,
-    "eval_images": 16, "calib_batches": 2, "protocol": "both", "threads": 1,
-}
-
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
@@ -91,40 +87,42 @@ def parse_lr(text: str | None, optimizers: Sequence[str]) -> dict[str, float]:
     return lr
 
 
+def _options() -> dict[str, Option]:
+    """The options whose defaults differ between a full run (a GPU's) and ``--quick`` (a smoke test)."""
+    words, ints = _csv(str), _csv(int)
+    return {
+        "archs": Option("comma-separated smp architectures", ["UPerNet", "PSPNet"], ["PSPNet"], words),
+        "encoders": Option("comma-separated smp encoders (random init unless --encoder-weights)", ["resnet18"],
+                           ["resnet18"], words),
+        "optimizers": Option(f"comma-separated, from {', '.join(OPTIMIZERS)}", list(OPTIMIZERS), ["sgd"], words),
+        "modes": Option(f"comma-separated, from {', '.join(MODES)}", list(MODES), ["none", "init", "reparam"], words),
+        "seeds": Option("comma-separated seeds (weights, batches and dropout)", [0, 1, 2], [0], ints),
+        "protocol": Option("scratch, finetune or both", "both", "both", str),
+        "iters": Option("training iterations per run", 400, 20),
+        "pretrain_iters": Option("iterations of task-A pretraining for the finetune protocol", 400, 10),
+        "batch": Option("batch size (at least 2: calibration needs train-mode batch statistics)", 8, 4),
+        "size": Option("image size", 128, 64),
+        "eval_images": Option("images in the synthetic held-out set", 128, 16),
+        "calib_batches": Option("fxeq calibration batches", 4, 2),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options; ``None`` defaults are filled from the full or ``--quick`` settings."""
-    full, quick = _FULL, _QUICK
+    """The command-line options; those left unset are filled from the full or ``--quick`` defaults."""
+    options = _options()
+    full = {k: o.full for k, o in options.items()}
     paragraphs = (
         (f"the defaults train 2 architectures x 3 seeds x 2 protocols x 2 optimizers x 5 modes for "
          f"{full['iters']} iterations each (plus {full['pretrain_iters']}-iteration pretraining per architecture "
          "and seed): a GPU run. Each result file records how long its run took (duration_s)."),
         ("--quick: PSPNet/resnet18 (the fastest smp model with an upsampled fusion), SGD, size 64, batch 4, "
          "20 iterations, 1 seed, modes none/init/reparam, both protocols, 1 CPU thread: a smoke test."),
-        ("a CPU-sized UPerNet run: python benchmarks/train_quality.py --archs UPerNet "
+        ("a CPU-sized UPerNet run: python experiments/train_quality.py --archs UPerNet "
          "--model-kwargs '{\"decoder_channels\": 64}' --seeds 0,1 --iters 100 --pretrain-iters 100 --batch 4 "
          "--size 64 --eval-images 64 --threads 1"),
     )
     epilog = "\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False) for text in paragraphs)
-    p = parser(__doc__.split("\n\n")[0], quick="see below", zoo=False, epilog=epilog)
-
-    def option(name: str, kind: Callable[[str], Any], text: str) -> None:
-        key = name.removeprefix("--").replace("-", "_")
-        show = ",".join(map(str, full[key])) if isinstance(full[key], list) else full[key]
-        shown_quick = ",".join(map(str, quick[key])) if isinstance(quick[key], list) else quick[key]
-        p.add_argument(name, type=kind, default=None, help=f"{text} (default: {show}; --quick: {shown_quick})")
-
-    option("--archs", _csv(str), "comma-separated smp architectures")
-    option("--encoders", _csv(str), "comma-separated smp encoders (random init unless --encoder-weights)")
-    option("--optimizers", _csv(str), f"comma-separated, from {', '.join(OPTIMIZERS)}")
-    option("--modes", _csv(str), f"comma-separated, from {', '.join(MODES)}")
-    option("--seeds", _csv(int), "comma-separated seeds (weights, batches and dropout)")
-    option("--protocol", str, "scratch, finetune or both")
-    option("--iters", int, "training iterations per run")
-    option("--pretrain-iters", int, "iterations of task-A pretraining for the finetune protocol")
-    option("--batch", int, "batch size (at least 2: calibration needs train-mode batch statistics)")
-    option("--size", int, "image size")
-    option("--eval-images", int, "images in the synthetic held-out set")
-    option("--calib-batches", int, "fxeq calibration batches")
+    p = parser(__doc__.split("\n\n")[0], quick="see below", zoo=False, device=True, epilog=epilog, options=options)
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON of further smp constructor arguments, e.g. \'{"decoder_channels": 64}\' '
                    "(default: {})")
@@ -141,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-weights", type=Path, default=None,
                    help="finetune protocol: a state_dict for model.encoder, or a whole model's (its 'encoder.' "
                    "entries), used instead of pretraining on task A; needs a single --encoders value")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new run (pretraining or training) once this many seconds have passed; the "
+                   "result files then hold the runs that finished and say that the budget stopped the rest "
+                   "(default: no budget)")
     return p
 
 
@@ -149,25 +150,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the options, filling the defaults."""
     p = build_parser()
     args = p.parse_args(argv)
-    defaults(args, _FULL, _QUICK)
+    if args.quick and args.threads is None:
+        args.threads = 1
     _choices(args.optimizers, OPTIMIZERS, "--optimizers")
     _choices(args.modes, MODES, "--modes")
     _choices([args.protocol], (*PROTOCOLS, "both"), "--protocol")
     args.protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    if args.batch < 2:
-        p.error("--batch must be at least 2: fxeq calibrates with train-mode batch statistics")
     if (args.images is None) != (args.masks is None):
         p.error("--images and --masks go together")
     if args.encoder_weights and len(args.encoders) != 1:
         p.error("--encoder-weights fits one encoder; pass a single --encoders value")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.synthetic_classes = args.classes if args.images is None else TASK_A_CLASSES
     args.models = [f"{arch}/{encoder}" for arch in args.archs for encoder in args.encoders]
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; return the exit status."""
+    """Run the experiment; return the exit status."""
     args = parse_args(argv)
     run = start("train_quality", args)
     device = torch.device(args.device)
@@ -184,11 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                               val_fraction=args.val_fraction, device=device)
         data = f"{args.images} with masks {args.masks}, {args.classes} classes, resized to {args.size}"
     setting = Setting(source, source.eval_batches(args.batch), lr, args)
-    runs, pretraining, sites = run_all(setting, log=lambda text: print(text, file=sys.stderr, flush=True))
-    summary = summarize(runs)
-    data_record = {"data": data, "lr": lr, "weight_decay": {o: WEIGHT_DECAY[o] for o in args.optimizers},
-                   "sites": sites, "pretraining": pretraining, "summary": summary, "runs": runs}
-    run.write(data_record, markdown_sections(args, lr, runs, summary, pretraining, data))
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+
+    def write(progress: Progress, complete: bool) -> None:
+        summary = summarize(progress.runs)
+        record = {"data": data, "lr": lr, "weight_decay": {o: WEIGHT_DECAY[o] for o in args.optimizers},
+                  "sites": progress.sites, "pretraining": progress.pretraining, "summary": summary,
+                  "budget": {"seconds": args.budget_s, "stopped": progress.stopped, "runs": len(progress.runs),
+                             "planned": progress.planned},
+                  "runs": progress.runs}
+        sections = markdown_sections(args, lr, progress.runs, summary, progress.pretraining, data)
+        if progress.stopped:
+            sections.insert(0, f"**The --budget-s {args.budget_s:g} s budget stopped the run after "
+                               f"{len(progress.runs)} of {progress.planned} training runs.**")
+        run.write(record, sections, complete=complete)
+
+    progress = run_all(setting, log=lambda text: print(text, file=sys.stderr, flush=True), deadline=deadline,
+                       on_run=lambda done: write(done, complete=False))
+    write(progress, complete=True)
     return 0
 
 

@@ -19,7 +19,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ from _common import build_smp, fusing_conv_modules
 from _tq_data import IGNORE, TASK_A, Batch, Source, SyntheticSource, SyntheticTask
 
 __all__ = [
-    "DEFAULT_LR", "MODES", "OPTIMIZERS", "PROTOCOLS", "WEIGHT_DECAY", "Setting", "Trained", "fusion_slices",
+    "DEFAULT_LR", "MODES", "OPTIMIZERS", "PROTOCOLS", "WEIGHT_DECAY", "Progress", "Setting", "Trained",
+    "fusion_slices",
     "mean_iou", "pretrained_encoder", "run_all", "run_mode", "summarize", "train",
 ]
 
@@ -252,40 +253,71 @@ def _load_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def run_all(setting: Setting, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                                                   dict[str, Any]]:
-    """Every protocol x architecture x encoder x seed x optimizer x mode."""
+@dataclass
+class Progress:
+    """What :func:`run_all` has done so far: the runs' and pretrainings' records, the sites, whether a budget
+    stopped it, and how many runs it planned."""
+
+    planned: int
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    pretraining: list[dict[str, Any]] = field(default_factory=list)
+    sites: dict[str, Any] = field(default_factory=dict)
+    stopped: bool = False
+
+
+def run_all(setting: Setting, log: Callable[[str], None], *, deadline: float | None = None,
+            on_run: Callable[[Progress], None] | None = None) -> Progress:
+    """Every architecture x encoder x seed x protocol x optimizer x mode.
+
+    Args:
+        deadline: a ``time.monotonic()`` after which no new run (pretraining
+            or training) starts; the seeds come before the protocols and
+            modes, so that what finished is whole seeds where it can be. Default: none.
+        on_run: called after each training run with the progress so far (to write partial results).
+    """
     args = setting.args
-    runs: list[dict[str, Any]] = []
-    pretraining: list[dict[str, Any]] = []
-    sites: dict[str, Any] = {}
+    progress = Progress(planned=len(args.archs) * len(args.encoders) * len(args.seeds) * len(args.protocols)
+                        * len(args.optimizers) * len(args.modes))
     user_encoder = _load_encoder_weights(args.encoder_weights) if args.encoder_weights else None
     classes = setting.source.classes
+
+    def out_of_time() -> bool:
+        if deadline is not None and time.monotonic() > deadline and not progress.stopped:
+            progress.stopped = True
+            log(f"stopped by the budget after {len(progress.runs)} of {progress.planned} runs")
+        return progress.stopped
+
     for arch in args.archs:
         for encoder in args.encoders:
             probe = _model(arch, encoder, classes, 0, args)
             found = fxeq.find(probe, setting.source.train_batch(0, 0, args.batch)[0])
             slices = fusion_slices(found)
-            sites[f"{arch}/{encoder}"] = {"fusing_convs": slices, "sites": len(found.search.sites)}
+            progress.sites[f"{arch}/{encoder}"] = {"fusing_convs": slices, "sites": len(found.search.sites)}
             for seed in args.seeds:
                 for protocol in args.protocols:
+                    if out_of_time():
+                        return progress
                     base = _model(arch, encoder, classes, seed, args)
                     if protocol == "finetune":
                         state = user_encoder
                         if state is None:
                             state, pretrain = pretrained_encoder(arch, encoder, seed, setting)
-                            pretraining.append(pretrain)
+                            progress.pretraining.append(pretrain)
                             log(f"pretrained {arch}/{encoder} seed {seed} on task A: "
                                 f"mIoU {pretrain['task_a_miou']:.1f}")
                         base.get_submodule("encoder").load_state_dict(state)
                     for optimizer in args.optimizers:
                         for mode in args.modes:
+                            if out_of_time():
+                                return progress
                             record = run_mode(base, mode, optimizer, seed, setting, slices)
                             record.update(protocol=protocol, arch=arch, encoder=encoder)
-                            runs.append(record)
+                            progress.runs.append(record)
                             log(f"{protocol:8} {arch}/{encoder} {optimizer:5} {mode:14} seed {seed}: "
                                 f"mIoU {record['miou']:.2f} ({record['train_s']:.0f} s)")
-    return runs, pretraining, sites
+                            if on_run is not None:
+                                on_run(progress)
+    return progress
 
 
 # ---------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def torchrun_record(work: Path, out: Path, tag: str, exit_code: int, seconds: fl
     if report_file.exists():
         report = json.loads(report_file.read_text())
         data = report["calibration_data"]
-        recorded = data.get("process_group") or data.get("backend")  # where the command line records it
+        recorded = data.get("process_group")  # the backend the command line ran with
         if recorded:
             record["process_group"] = f"{recorded} (recorded in the report)"
         record.update(processes=data["processes"], device=data["device"], images=data["images"],

@@ -106,6 +106,7 @@ def test_one_process_under_torchrun_joins_a_process_group(tmp_path: Path, monkey
     assert started == ["gloo"] and not dist.is_initialized()
     report = json.loads((tmp_path / "out.pt.fxeq.json").read_text())
     assert report["calibration_data"]["processes"] == 1 and report["calibration"]["batches"] == 2
+    assert report["calibration_data"]["process_group"] == "gloo"  # benchmarks/gpu.sh reads nccl here
     assert "rank 0" not in result.stderr
 
 

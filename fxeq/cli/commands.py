@@ -57,7 +57,7 @@ def _convert(args: argparse.Namespace) -> int:
     loaded = load(args)
     with bad_input():
         outputs.check_not_converted(args.checkpoint, loaded.report)
-    with process_group(loaded.device):
+    with process_group(loaded.device) as backend:
         prepared = _prepared(args, loaded)
         if not prepared.search.sites:
             if is_rank_zero():
@@ -73,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
         report = prepared.report
         with rank_zero_writes() as writes:
             if writes:
-                report.extra.update(_provenance(args, loaded, report))
+                report.extra.update(_provenance(args, loaded, report, backend))
                 report.versions = _versions(model_spec(args))
                 report_file = _save(args, output, loaded.model, loaded.state, report.to_dict())
                 print(for_cli(report.table()))
@@ -121,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
         note("the checkpoint holds the report of fxeq's ScaleEqualization callback: it was equalized during "
              "training. The fusion inputs measured below are as the equalized model computes them.")
         converted = True
-    with process_group(loaded.device):
+    with process_group(loaded.device) as backend:
         prepared = _prepared(args, loaded)
         if prepared.search.sites:
             # On an equalized checkpoint every upstream fold is in the weights already: measure the model as it
@@ -129,7 +129,7 @@ def _inspect(args: argparse.Namespace) -> int:
             _calibrated(args, loaded, prepared, one_pass=converted)
     if is_rank_zero():
         report = prepared.report
-        report.extra.update(_provenance(args, loaded, report))
+        report.extra.update(_provenance(args, loaded, report, backend))
         report.versions = _versions(model_spec(args))
         print(report.to_json() if args.json else for_cli(report.table()))
         # after fxeq, a converted model's convs receive what is measured now over what its conversion folded
@@ -343,7 +343,7 @@ def _check_report_source(args: argparse.Namespace, recorded: Report) -> str:
     return digest
 
 
-def _provenance(args: argparse.Namespace, loaded: Loaded, report: Report) -> dict[str, Any]:
+def _provenance(args: argparse.Namespace, loaded: Loaded, report: Report, backend: str | None) -> dict[str, Any]:
     """What the JSON report records about the run, so that it can be repeated and checked.
 
     The output's path and SHA-256 are added by :mod:`fxeq.cli.outputs` as it writes.
@@ -358,6 +358,7 @@ def _provenance(args: argparse.Namespace, loaded: Loaded, report: Report) -> dic
         "folder": str(args.calib.resolve()), "images": shard.images, "batches": len(shard.batches),
         "batch_size": args.batch_size, "num_batches": args.num_batches, "device": str(loaded.device),
         "processes": shard.world_size,
+        "process_group": backend,  # what merged the statistics across processes (None: no torchrun)
     }
     record["preprocessing"] = loaded.preprocessing
     return record

@@ -42,22 +42,22 @@ def is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[None]:
+def process_group(device: torch.device) -> Iterator[str | None]:
     """torch.distributed, initialized from torchrun's environment for the block and destroyed after it.
 
     gloo on the CPU, nccl on CUDA; under torchrun always, even with one
     process. Outside torchrun, or when the caller initialized a process
-    group, nothing is done.
+    group, nothing is done. Yields the backend in use, or None without one.
     """
     if not launched() or dist.is_initialized():
-        yield
+        yield dist.get_backend() if dist.is_available() and dist.is_initialized() else None
         return
     if device.type == "cuda":
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
     try:
-        yield
+        yield dist.get_backend()
     finally:
         dist.destroy_process_group()
 

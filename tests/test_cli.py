@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+import torchvision
 from cli_models import NoFuse, TinyFuse, assert_fails, run_cli, run_main
 from PIL import Image
 
@@ -551,6 +552,12 @@ def test_demo_runs_end_to_end_in_an_earlier_demo_folder(tmp_path: Path) -> None:
     state = load(workdir / "deeplabv3_resnet50.fxeq.safetensors")
     report = json.loads((workdir / "deeplabv3_resnet50.fxeq.safetensors.fxeq.json").read_text())
     assert_equalized(load(workdir / "deeplabv3_resnet50.pt"), state, report)
+    torch.manual_seed(1)  # the demo seeds its own model: the same weights, the same report, on every run
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        seeded = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None)
+    assert torch.equal(load(workdir / "deeplabv3_resnet50.pt")["classifier.0.project.0.weight"],
+                       seeded.state_dict()["classifier.0.project.0.weight"])
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:

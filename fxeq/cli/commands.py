@@ -141,7 +141,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     _check_demo_workdir(args.workdir)
     segmentation = torchvision("models.segmentation")  # one clear sentence if torchvision cannot run here
-    state = segmentation.deeplabv3_resnet50(**_DEMO_KWARGS).state_dict()
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every run: the same report
+        torch.manual_seed(0)
+        state = segmentation.deeplabv3_resnet50(**_DEMO_KWARGS).state_dict()
     workdir = args.workdir  # everything is checked: the demo's files may be written
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / _DEMO_MARKER).write_text("made by fxeq demo, which may replace the files in this folder\n")

@@ -9,14 +9,15 @@ frontends produce graphs, one table (:data:`FRONTENDS`) describes them:
   tensor shapes (19 of 21 segmentation-models-pytorch models).
 * ``"export"``: :func:`torch.export.export`. Its graph holds aten ops whose
   weights are ``get_attr`` nodes named after the original parameters, which
-  it shares with the model. It is exported with a dynamic batch size and
-  *static* spatial sizes: symbolic heights and widths cost minutes on some
-  models (see ``benchmarks/results/capture_cost-cpu.md``). The returned module
-  is therefore specialized to the example's spatial size, and says so clearly
-  when it is called at another one; ``dynamic=True`` asks for symbolic sizes
-  and pays their cost, and ``dynamic=False`` exports the batch size static
-  too (the cheapest). A batch of one sample is repeated to two first, since
-  export specializes a batch size of 1.
+  it shares with the model. It is exported static by default: symbolic
+  heights and widths cost minutes on some models, and a symbolic batch size
+  alone up to 3.4x a static export (see
+  ``benchmarks/results/capture_cost-cpu.md``). The returned module is
+  therefore specialized to the example's shape, and says so clearly, with
+  the fix, when it is called at another one; ``dynamic="batch"`` keeps the
+  batch size symbolic and ``dynamic=True`` every size but the channels, and
+  pay their cost. With ``dynamic="batch"`` a batch of one sample is repeated
+  to two first, since export specializes a batch size of 1.
 * ``"concrete"``: one eager forward on the example, recorded op by op
   (:func:`torch.fx.experimental.proxy_tensor.make_fx` over
   :func:`torch.func.functional_call`, real tensors). Whatever runs eagerly
@@ -207,7 +208,7 @@ def capture(
     example_inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any] | Inputs,
     *,
     frontend: FrontendChoice = "auto",
-    dynamic: Dynamic = "batch",
+    dynamic: Dynamic = False,
     deployable: bool = True,
 ) -> Captured:
     """Capture ``model`` as a GraphModule that shares its parameters.
@@ -218,13 +219,12 @@ def capture(
         example_inputs: one batch: a Tensor, a tuple of positional inputs, a
             dict of keyword arguments, or an ``(args, kwargs)`` pair.
         frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"``. Default: ``"auto"``.
-        dynamic: which sizes torch.export keeps symbolic: ``"batch"`` (the
-            returned module takes any batch size; on smp and Hugging Face
-            models the export costs up to about 2x a static one), ``False``
-            (none: the fastest, for when only the graph is read, as
-            :func:`fxeq.find` does) or ``True`` (batch, height and width: any
-            size, but this can cost minutes). fx graphs take any size anyway.
-            Default: ``"batch"``.
+        dynamic: which sizes torch.export keeps symbolic: ``False`` (none:
+            the returned module takes inputs of the example's shape; the
+            cheapest), ``"batch"`` (any batch size; the export costs 1.1x to
+            3.4x a static one on the benchmark zoo) or ``True`` (batch, height
+            and width: any size, but this can cost minutes). fx graphs take
+            any size anyway. Default: False.
         deployable: whether the caller needs a graph that computes the model
             on other inputs (``"auto"`` then tries fx and export only).
             Default: True.
@@ -380,11 +380,15 @@ class _ShapeGuard(nn.Module):
                 continue
             if value.dim() != len(expected) or any(e is not None and e != v for e, v in zip(expected, value.shape)):
                 shown = ", ".join("N" if e is None else str(e) for e in expected)
+                only_batch = value.dim() == len(expected) and all(
+                    e is None or e == v for e, v in zip(expected[1:], value.shape[1:]))
+                which = "dynamic='batch' for any batch size, or dynamic=True for any size" if only_batch else \
+                    "dynamic=True to export symbolic sizes"
                 raise CaptureError(
                     f"this GraphModule of {self.model} was exported by fxeq for inputs shaped ({shown}) and is "
                     f"specialized to that size; input {name} has shape {tuple(value.shape)}. Use your own model "
                     "with the same weights (fxeq.transform(model, loader, inplace=True) rewrites it and keeps "
-                    "every shape), or pass dynamic=True to export symbolic sizes (slower to capture).",
+                    f"every shape), or pass {which} (slower to capture).",
                     stage="call",
                 )
         if self.original is not None:

@@ -18,8 +18,8 @@ Each step checks its arguments and hands over to its stage:
 :mod:`fxeq.rewrite`.
 
 Copy by default: the input model is untouched, and the deployable graph of a
-copy is returned (fx, or export specialized to the first batch's spatial size
-with a dynamic batch size, unless ``dynamic`` says otherwise). With
+copy is returned (fx, which takes any size, or export specialized to the first
+batch's shape, unless ``dynamic`` says otherwise). With
 ``inplace=True`` the model's own parameters are rewritten and the model itself
 is returned, so its class, methods and state_dict keys keep working in
 training code, at any input size; no deployable graph is needed then, so a
@@ -150,7 +150,7 @@ def prepare(
     inplace: bool = False,
     frontend: FrontendChoice = "auto",
     all_concats: bool = False,
-    dynamic: Dynamic = "batch",
+    dynamic: Dynamic = False,
 ) -> Prepared:
     """Capture the model and find its sites.
 
@@ -165,10 +165,11 @@ def prepare(
             with ``inplace=True``: its graph is not deployable). Default: ``"auto"``.
         all_concats: also equalize concatenations with no upsampled input
             (FCN ``concat_input`` heads, learned upsampling). Default: False.
-        dynamic: which sizes an export keeps symbolic: ``"batch"`` (the
-            returned GraphModule takes any batch size), ``False`` (none: the
-            cheapest capture) or ``True`` (any size; can cost minutes). See
-            :func:`fxeq.capturing.capture`. Default: ``"batch"``.
+        dynamic: which sizes an export keeps symbolic: ``False`` (none: the
+            returned GraphModule takes inputs of the example's shape; the
+            cheapest capture), ``"batch"`` (any batch size; up to 3.4x a
+            static export) or ``True`` (any size; can cost minutes). See
+            :func:`fxeq.capturing.capture`. Default: False.
 
     Raises:
         ValueError: the model has parameters on the meta device, or
@@ -320,7 +321,7 @@ def transform(
     mode: Mode = "init",
     keep_norm: bool = False,
     one_pass: bool = False,
-    dynamic: Dynamic = "batch",
+    dynamic: Dynamic = False,
 ) -> nn.Module:
     """Equalize the scales of every multi-level fusion in ``model``.
 
@@ -353,14 +354,16 @@ def transform(
             where a batch norm follows. Default: False.
         one_pass: measure chained sites in one pass on the model as it is
             (approximate downstream; the report says so). Default: False.
-        dynamic: which sizes an export keeps symbolic: ``"batch"`` (default:
-            the returned GraphModule takes any batch size), ``False`` (none:
-            the cheapest capture) or ``True`` (any size; can cost minutes).
+        dynamic: which sizes an export keeps symbolic: ``False`` (default:
+            none; the returned GraphModule takes inputs shaped as the first
+            batch, and the capture is the cheapest), ``"batch"`` (any batch
+            size; up to 3.4x a static export) or ``True`` (any size; can cost
+            minutes).
 
     Returns:
         Without ``inplace``: the deployable GraphModule in eval mode. From the
-        export frontend it accepts any batch size (unless ``dynamic=False``)
-        but only the first batch's spatial size (unless ``dynamic=True``).
+        export frontend it accepts inputs shaped as the first batch (any batch
+        size with ``dynamic="batch"``, any size with ``dynamic=True``).
         With ``inplace=True``: your model, rewritten, which takes every size.
         The report is at ``.fxeq_report``. A model without any site comes back
         unchanged, with a warning.

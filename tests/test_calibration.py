@@ -227,13 +227,22 @@ def test_calibration_batches_of_other_sizes_on_an_export_only_model() -> None:
         assert report.stats["cat", index].mean == pytest.approx(mean, rel=1e-6, abs=1e-9)
 
 
-def test_exported_module_takes_any_batch_size_and_refuses_another_resolution_with_the_fix() -> None:
+def test_exported_module_takes_its_shape_and_refuses_another_with_the_fix() -> None:
     model = ShapeBranch()
-    deployed = fxeq.transform(model, batches(2))
+    deployed = fxeq.transform(model, batches(2))  # static by default: the cheapest export
     assert deployed.fxeq_report.frontend == "export"
-    assert deployed(torch.randn(5, 3, 16, 16)).shape == (5, 4, 16, 16)
-    with pytest.raises(fxeq.CaptureError, match=r"specialized to that size.*inplace=True.*dynamic=True"):
-        deployed(torch.randn(2, 3, 32, 32))
+    assert deployed(torch.randn(4, 3, 16, 16)).shape == (4, 4, 16, 16)
+    with pytest.raises(fxeq.CaptureError, match=r"exported by fxeq for inputs shaped \(4, 3, 16, 16\) and is specialized "
+                                                r"to that size; input x has shape \(5, 3, 16, 16\).*inplace=True.*pass "
+                                                r"dynamic='batch' for any batch size, or dynamic=True for any size"):
+        deployed(torch.randn(5, 3, 16, 16))
+    with pytest.raises(fxeq.CaptureError, match=r"specialized to that size.*inplace=True.*pass dynamic=True to export "
+                                                r"symbolic sizes"):
+        deployed(torch.randn(4, 3, 32, 32))
+    batch = fxeq.transform(model, batches(2), dynamic="batch")
+    assert batch(torch.randn(5, 3, 16, 16)).shape == (5, 4, 16, 16)
+    with pytest.raises(fxeq.CaptureError, match=r"inputs shaped \(N, 3, 16, 16\).*dynamic=True to export symbolic"):
+        batch(torch.randn(2, 3, 32, 32))
     dynamic = fxeq.transform(model, batches(2), dynamic=True)
     assert dynamic(torch.randn(2, 3, 32, 32)).shape == (2, 4, 32, 32)
 

@@ -75,7 +75,7 @@ def test_reparam_without_norm_differs_by_the_mean_term() -> None:
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("mode", ["init", "reparam", "explicit"])
 def test_modes_agree_at_step_zero(frontend: str, inplace: bool, mode: str) -> None:
-    base, data, x = TwoBranch(), batches(), torch.randn(2, 3, 16, 16)
+    base, data, x = TwoBranch(), batches(), torch.randn(4, 3, 16, 16)  # an export takes the calibration shape
     model = copy.deepcopy(base)
     deployed = fxeq.transform(model, data, frontend=frontend, inplace=inplace, mode=mode)
     assert deployed.fxeq_report.mode == mode
@@ -95,7 +95,7 @@ def test_modes_agree_at_step_zero(frontend: str, inplace: bool, mode: str) -> No
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("mode", ["reparam", "explicit"])
 def test_finalize_restores_graph_and_keys_and_keeps_outputs(frontend: str, mode: str) -> None:
-    base, data, x = BNHead(), batches(), torch.randn(2, 3, 16, 16)
+    base, data, x = BNHead(), batches(), torch.randn(4, 3, 16, 16)
     original_ops = _ops(capture(base, (x,), frontend=frontend).module)
     deployed = fxeq.transform(copy.deepcopy(base), data, frontend=frontend, mode=mode)
     model = copy.deepcopy(base)

@@ -47,7 +47,7 @@ def test_transform_matches_the_explicit_equalizer_at_1x1(frontend: str) -> None:
     torch.testing.assert_close(got_stats, expected_stats, rtol=1e-5, atol=1e-6)
 
     explicit_oracle(model, report, data)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(4, 3, 16, 16)  # an export takes the calibration batch's shape
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -142,7 +142,7 @@ def test_step_by_step_api() -> None:
 
 
 def test_returned_module_behaves_like_a_module() -> None:
-    deployed = fxeq.transform(ShapeBranch(), batches(), frontend="export")
+    deployed = fxeq.transform(ShapeBranch(), batches(), frontend="export", dynamic="batch")
     assert not deployed.training
     deployed.train()
     deployed.eval()

@@ -200,22 +200,25 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int) -> int | None:
+    """``text`` as a whole number of at least ``least``, else None."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
+        return None
+    return value if value >= least else None
+
+
+def _positive_int(text: str) -> int:
+    value = _int_at_least(text, 1)
+    if value is None:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
 
 
 def _batch_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
+    value = _int_at_least(text, 2)
+    if value is None:
         raise argparse.ArgumentTypeError(
             f"expected at least 2 images per batch, got {text!r}: calibration runs batch normalization with batch "
             "statistics (as in training), which needs 2 samples where a feature map is 1x1 (e.g. ASPP image "

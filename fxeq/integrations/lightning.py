@@ -266,18 +266,11 @@ def mark_if_equalized(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
         ValueError: the module has no conv at a path the report names.
 
     Example:
-        >>> import torch, torch.nn.functional as F, fxeq
-        >>> from torch import nn
-        >>> class Net(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a, self.b, self.fuse = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
-        ...     def forward(self, x):
-        ...         b = F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0)
-        ...         return self.fuse(torch.cat([self.a(x), b], 1))
+        >>> import torch, fxeq
+        >>> from fxeq._examples import Fuse  # x ── a ──┐;  x ── pool ── b ── interpolate ──┴─ cat ── fuse
         >>> x = torch.randn(2, 3, 8, 8)
-        >>> checkpoint = {"callbacks": {"ScaleEqualization": {"report": fxeq.find(Net(), x).to_dict()}}}
-        >>> net = Net()
+        >>> checkpoint = {"callbacks": {"ScaleEqualization": {"report": fxeq.find(Fuse(), x).to_dict()}}}
+        >>> net = Fuse()
         >>> mark_if_equalized(net, checkpoint)   # in Seg.on_load_checkpoint: mark_if_equalized(self, checkpoint)
         True
         >>> fxeq.transform(net, [x])  # doctest: +ELLIPSIS

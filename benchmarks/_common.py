@@ -301,12 +301,8 @@ def output_tensor(output: Any) -> torch.Tensor:
 
 
 def fusing_conv_modules(report: Report) -> dict[str, Site]:
-    """Every fusing conv of a report, by module name, with its site.
-
-    The report names parameters (``decoder.fuse.0.weight``); the owning module
-    of the original model is the name without ``.weight``.
-    """
-    return {conv.weight.rsplit(".", 1)[0]: site for site in report.search.sites for conv in site.convs}
+    """Every fusing conv of a report, by module name, with its site."""
+    return {conv.module: site for site in report.search.sites for conv in site.convs}
 
 
 # ---------------------------------------------------------------------------

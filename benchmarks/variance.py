@@ -157,7 +157,7 @@ def disequilibrium(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "model": name,
             "constructor": describe_model(name),
             "site": site.name,
-            "conv": site.convs[0].weight.rsplit(".", 1)[0],
+            "conv": site.convs[0].module,
             "upsample": [f"{i.upsample} x{i.scale[0]:.3g}" if i.upsample and i.scale else i.upsample
                          for i in site.inputs],
             "sigma_calibration": sigma,

@@ -172,7 +172,7 @@ class Setting:
 
 def fusion_slices(report: Report) -> dict[str, list[tuple[int, int]]]:
     """Per fusing conv module, its input-channel slices (one per site input), for ungrouped convs."""
-    convs = {conv.weight.rsplit(".", 1)[0]: conv for site in report.search.sites for conv in site.convs}
+    convs = {conv.module: conv for site in report.search.sites for conv in site.convs}
     return {
         name: [(inp.channels[0], inp.channels[1]) for inp in site.inputs]
         for name, site in fusing_conv_modules(report).items()

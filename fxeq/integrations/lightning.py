@@ -286,7 +286,8 @@ def mark_if_equalized(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
     submodule = trainer.get("submodule") if isinstance(trainer, Mapping) else None
     prefix = f"{submodule}." if submodule else ""
     weights = {prefix + conv.weight: site.name for site in report.search.sites for conv in site.convs}
-    missing = [w.rpartition(".")[0] for w in weights if resolve_owner(module, w)[0] is None]
+    missing = [prefix + conv.module for site in report.search.sites for conv in site.convs
+               if resolve_owner(module, prefix + conv.weight)[0] is None]
     if missing:
         raise ValueError(
             f"the checkpoint holds fxeq's report for fusing convs that {type(module).__name__} lacks: "

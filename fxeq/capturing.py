@@ -11,7 +11,7 @@ frontends produce graphs, one table (:data:`FRONTENDS`) describes them:
   weights are ``get_attr`` nodes named after the original parameters, which
   it shares with the model. It is exported static by default: symbolic
   heights and widths cost minutes on some models, and a symbolic batch size
-  alone up to 3.4x a static export (see
+  alone several times a static export on a small Swin UperNet (see
   ``benchmarks/results/capture_cost-cpu.md``). The returned module is
   therefore specialized to the example's shape, and says so clearly, with
   the fix, when it is called at another one; ``dynamic="batch"`` keeps the
@@ -221,8 +221,8 @@ def capture(
         frontend: ``"auto"``, ``"fx"``, ``"export"`` or ``"concrete"``. Default: ``"auto"``.
         dynamic: which sizes torch.export keeps symbolic: ``False`` (none:
             the returned module takes inputs of the example's shape; the
-            cheapest), ``"batch"`` (any batch size; the export costs 1.1x to
-            3.4x a static one on the benchmark zoo) or ``True`` (batch, height
+            cheapest), ``"batch"`` (any batch size; the export can cost several
+            times a static one) or ``True`` (batch, height
             and width: any size, but this can cost minutes). fx graphs take
             any size anyway. Default: False.
         deployable: whether the caller needs a graph that computes the model

@@ -167,8 +167,8 @@ def prepare(
             (FCN ``concat_input`` heads, learned upsampling). Default: False.
         dynamic: which sizes an export keeps symbolic: ``False`` (none: the
             returned GraphModule takes inputs of the example's shape; the
-            cheapest capture), ``"batch"`` (any batch size; up to 3.4x a
-            static export) or ``True`` (any size; can cost minutes). See
+            cheapest capture), ``"batch"`` (any batch size; can cost several
+            times a static export) or ``True`` (any size; can cost minutes). See
             :func:`fxeq.capturing.capture`. Default: False.
 
     Raises:
@@ -357,8 +357,8 @@ def transform(
         dynamic: which sizes an export keeps symbolic: ``False`` (default:
             none; the returned GraphModule takes inputs shaped as the first
             batch, and the capture is the cheapest), ``"batch"`` (any batch
-            size; up to 3.4x a static export) or ``True`` (any size; can cost
-            minutes).
+            size; can cost several times a static export) or ``True`` (any
+            size; can cost minutes).
 
     Returns:
         Without ``inplace``: the deployable GraphModule in eval mode. From the

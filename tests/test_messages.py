@@ -174,6 +174,36 @@ def test_a_model_only_the_concrete_trace_captures_says_to_pass_inplace() -> None
     assert fxeq.transform(model, batches(), inplace=True, progress=False) is model  # as the message says
 
 
+class UntraceableWithoutSites(nn.Module):
+    """Branches on tensor values (neither fx nor export) and concatenates same-resolution features only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fuse = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if x.sum() > 0 else -x
+        return self.fuse(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_model_only_the_concrete_trace_captures_without_sites_says_nothing_would_change() -> None:
+    with pytest.raises(fxeq.CaptureError, match=r"(?s)^could not capture UntraceableWithoutSites as a graph; tried fx, "
+                                                r"export:\n.*\nA concrete trace of one eager forward works but finds no "
+                                                r"fusion site in it, so fxeq would not change this model anyway: fxeq "
+                                                r"found no fusion site in UntraceableWithoutSites.*no input comes from an "
+                                                r"upsampling op \(same-resolution features\)\nFix for the concatenations "
+                                                r"above: pass all_concats=True to equalize it\.$"):
+        fxeq.transform(UntraceableWithoutSites(), batches(1), progress=False)
+
+    class WithoutCat(UntraceableWithoutSites):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x if x.sum() > 0 else -x)
+
+    with pytest.raises(fxeq.CaptureError, match=r"\nA concrete trace of one eager forward works but finds no fusion "
+                                                r"site in it, so fxeq would not change this model anyway\.$"):
+        fxeq.transform(WithoutCat(), batches(1), progress=False)
+
+
 def test_a_model_no_frontend_captures_names_every_failure() -> None:
     with pytest.raises(fxeq.CaptureError, match=(
         r"^could not capture Opaque as a graph; tried fx, export and a concrete trace:\n"

@@ -22,6 +22,7 @@ forward is not needed: :class:`SiteObservers` can stop it there
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +40,15 @@ __all__ = [
 
 
 _BLOCK_ELEMENTS = 1 << 20  # float32 elements centred at once by channel_moments
-_SHIFT_SAMPLE = 16  # values per row, spread over it, whose mean shifts each channel
+_NORM_ELEMENTS = 1 << 16  # longest piece of a row whose squares one float32 norm sums
+_SHIFT_SAMPLE = 16  # values per row, spread over it, whose median shifts each channel
 
 
 def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Per channel (dim 1) of ``x``: the element count, the mean and the sum of squared deviations (M2).
 
     The tensor is read as rows, one per (sample, channel), each contiguous over
-    the spatial positions. Every value is shifted by the mean of a sample of its
+    the spatial positions. Every value is shifted by the median of a sample of its
     channel's values (16 per row, spread over it: near the channel's mean, so the
     shifted values are small where the mean is large; a float32 sum and sum of
     squares of the raw values gives a negative variance at mean 1e4), each row's
@@ -67,22 +69,52 @@ def channel_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     values = x.detach()
     if values.dim() < 2:
         values = values.reshape(-1, 1)
-    rows = values.reshape(values.shape[0], values.shape[1], -1)
+    rows = values.reshape(values.shape[0], values.shape[1], math.prod(values.shape[2:]))
     count = rows.shape[0] * rows.shape[2]
+    if count == 0:  # no element in any channel: nothing to merge
+        zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        return 0, zeros, zeros.clone()
     # Blocks of channels bound the transient shifted copy (about 4 MiB) whatever the input's size.
     step = max(1, _BLOCK_ELEMENTS // max(count, 1))
     means, m2s = [], []
     for block in rows.split(step, dim=1):
         if block.element_size() < 4:  # fp16/bf16 deviations would round
             block = block.float()
-        # near the channel's mean, from a sample spread over every row, at a fraction of a pass
-        shift = block[:, :, ::max(1, block.shape[2] // _SHIFT_SAMPLE)].mean(dim=(0, 2), keepdim=True)
+        shift = _shift(block)
         deviation = block - shift
         s1 = deviation.sum(dim=-1).double().sum(dim=0)
-        s2 = torch.linalg.vector_norm(deviation, dim=-1).double().square().sum(dim=0)
+        s2 = _sum_of_squares(deviation)
         means.append(shift.flatten().double() + s1 / count)
         m2s.append(s2 - s1 * s1 / count)
     return count, torch.cat(means), torch.cat(m2s)
+
+
+def _sum_of_squares(deviation: torch.Tensor) -> torch.Tensor:
+    """Per channel of ``[N, C, L]``, the sum of squares, in float64.
+
+    A float32 vector norm is the fastest reduction but rounds with the row's length (1e-3 of the
+    variance on a 4096x4096 map), so long rows are cut into pieces of at most 65536 values first;
+    a length with no such divisor is summed square by square (slower, as exact).
+    """
+    length = deviation.shape[2]
+    piece = length if length <= _NORM_ELEMENTS else math.gcd(length, _NORM_ELEMENTS)
+    if piece < 1024:
+        return deviation.square().sum(dim=-1).double().sum(dim=0)
+    pieces = deviation.reshape(deviation.shape[0], deviation.shape[1], length // piece, piece)
+    return torch.linalg.vector_norm(pieces, dim=-1).double().square().sum(dim=(0, 2))
+
+
+def _shift(block: torch.Tensor) -> torch.Tensor:
+    """A value near each channel's mean: the median of a sample spread over every row (16 positions per row,
+    evenly from its first to its last, so not one column of the map), shaped ``[1, C, 1]``.
+
+    The closer it is to the mean, the smaller the shifted values and their rounding; the median
+    keeps a few outliers among the sampled positions from pulling it away.
+    """
+    length = block.shape[2]
+    positions = torch.linspace(0, length - 1, min(_SHIFT_SAMPLE, length), device=block.device).round().long()
+    sample = block.index_select(2, positions).transpose(0, 1).reshape(block.shape[1], -1)
+    return sample.median(dim=1).values.view(1, -1, 1)
 
 
 class ScaleObserver(nn.Module):

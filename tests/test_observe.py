@@ -161,3 +161,38 @@ def test_channel_moments_of_a_channels_last_tensor():
     count, mean, m2 = channel_moments(x.contiguous(memory_format=torch.channels_last))
     assert count == expected[0]
     torch.testing.assert_close((mean, m2), expected[1:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(2048, 2048), (2047, 2049)], ids=["cut-in-pieces", "no-divisor"])
+def test_channel_moments_of_long_rows_keep_float64_precision(size):
+    """A 2048x2048 map is one row of 4M values: a float32 norm of it lost 1e-4 of the std."""
+    from fxeq.observe import channel_moments
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, *size, generator=g) * 0.5 + 2
+    count, mean, m2 = channel_moments(x)
+    reference = x.double().transpose(0, 1).reshape(2, -1)
+    expected = ((reference - reference.mean(1, keepdim=True)) ** 2).sum(1)
+    torch.testing.assert_close(m2, expected, rtol=1e-6, atol=0)
+
+
+def test_channel_moments_when_outliers_sit_where_the_shift_is_sampled():
+    """Outliers on a regular grid of the map must not pull the shift away (a negative M2 before)."""
+    from fxeq.observe import channel_moments
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(1, 1, 2048, 2048) + 5.0
+    x.view(-1)[torch.arange(0, 2048 * 2048, 2048 * 2048 // 16)] = 1e5
+    x += torch.randn(1, 1, 2048, 2048, generator=g) * 0.1
+    count, mean, m2 = channel_moments(x)
+    reference = x.double().flatten()
+    assert m2.item() > 0
+    assert (m2.item() / count) ** 0.5 == pytest.approx(reference.std(unbiased=False).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["no-samples", "no-positions"])
+def test_channel_moments_of_an_empty_tensor_count_nothing(shape):
+    from fxeq.observe import channel_moments
+
+    count, mean, m2 = channel_moments(torch.randn(*shape))
+    assert count == 0 and mean.tolist() == [0.0] * 3 and m2.tolist() == [0.0] * 3

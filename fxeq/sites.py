@@ -683,8 +683,11 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Modul
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"find_sites expects a torch.fx.GraphModule, got {type(gm).__name__}: capture it first "
                         "(fxeq.capture(model, example).module), or call fxeq.find(model, example)")
-    shared = _shared_parameters(gm)
-    model_ties = _tied(model) if model is not None else {}
+    # Ties are read from the eager model where there is one: an exported graph rebuilds its module tree
+    # from parameter names, so one module registered under two names is two module objects there.
+    ties = _tied(model) if model is not None else None
+    shared = _shared_parameters(gm, ties)
+    model_ties = ties or {}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     for node in gm.graph.nodes:
@@ -989,11 +992,13 @@ def _tied(root: nn.Module) -> dict[str, tuple[str, ...]]:
     }
 
 
-def _shared_parameters(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+def _shared_parameters(gm: fx.GraphModule, ties: Mapping[str, tuple[str, ...]] | None = None
+                       ) -> dict[str, tuple[str, ...]]:
     """Parameters of a graph module that rescaling one conv would also change elsewhere: name -> other names.
 
     Those read by more than one op (a conv module called twice, a weight read by
-    two nodes), and those tied to another module object (:func:`_tied`).
+    two nodes), and those tied to another module object: ``ties``, the eager
+    model's (:func:`_tied`), else the graph module's own.
     """
     uses: Counter[int] = Counter()
     for node in gm.graph.nodes:
@@ -1001,7 +1006,7 @@ def _shared_parameters(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
             uses.update(id(p) for p in gm.get_submodule(str(node.target)).parameters())
         elif node.op == "get_attr" and _get_parameter(gm, node) is not None:
             uses[id(gm.get_parameter(str(node.target)))] += len(node.users)
-    shared = _tied(gm)
+    shared = dict(ties) if ties is not None else _tied(gm)
     for name, parameter in gm.named_parameters():
         if uses[id(parameter)] > 1:
             shared.setdefault(name, ())

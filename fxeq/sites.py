@@ -687,7 +687,6 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Modul
     # from parameter names, so one module registered under two names is two module objects there.
     ties = _tied(model) if model is not None else None
     shared = _shared_parameters(gm, ties)
-    model_ties = ties or {}
     sites: list[Site] = []
     skipped: list[Skipped] = []
     for node in gm.graph.nodes:
@@ -706,7 +705,7 @@ def find_sites(gm: fx.GraphModule, *, all_concats: bool = False, model: nn.Modul
         else:
             result = _site_at(gm, node, shared, all_concats)
             if isinstance(result, Site) and model is not None:
-                result = _eligible(model, result, model_ties)
+                result = _eligible(model, result)
         if isinstance(result, Site):
             sites.append(result)
         elif result is not None:
@@ -752,17 +751,11 @@ def observation_point(model: nn.Module, site: Site) -> nn.Module | str:
     return module
 
 
-def _eligible(model: nn.Module, site: Site, ties: Mapping[str, tuple[str, ...]]) -> Site | Skipped:
-    """``site``, or why it cannot be equalized in the eager ``model`` (see :func:`find_sites`)."""
+def _eligible(model: nn.Module, site: Site) -> Site | Skipped:
+    """``site``, or why it cannot be equalized in the eager ``model`` (see :func:`find_sites`; its ties were
+    checked with the graph's shared parameters)."""
     point = observation_point(model, site)
-    if isinstance(point, str):
-        return Skipped(site.name, point)
-    for conv in site.convs:
-        for name in (conv.weight, conv.bias):
-            if name in ties:
-                return Skipped(site.name, f"its conv {conv.module} shares parameter {name} with "
-                               f"{', '.join(ties[name])} (tied parameters); rescaling it would change those too")
-    return site
+    return Skipped(site.name, point) if isinstance(point, str) else site
 
 
 def _concat_kind(gm: fx.GraphModule, cat: fx.Node) -> _ConcatKind:
@@ -822,7 +815,7 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
         width = in_shape[1]
         if width > 0:
             inputs.append(_site_input(gm, tensor, index, (start, start + width)))
-            learned = _learned_upsampler(gm, tensor)
+            learned = _not_interpolated(gm, tensor)
             if learned is not None:
                 learned_by.append(learned)
         start += width
@@ -837,8 +830,7 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
                        + (", ".join(elsewhere) or "the output") + ")")
     if not all_concats and not any(i.upsample for i in inputs):
         if learned_by:
-            return Skipped(cat.name, f"its upsampled input comes from {learned_by[0]} (learned upsampling, not "
-                           "interpolation: not a site by the paper's definition)", _ALL_CONCATS)
+            return Skipped(cat.name, learned_by[0], _ALL_CONCATS)
         return Skipped(cat.name, "no input comes from an upsampling op (same-resolution features)", _ALL_CONCATS)
     fusing: list[FusingConv] = []
     for conv in convs:
@@ -887,27 +879,41 @@ def _site_input(gm: fx.GraphModule, node: fx.Node, index: int, channels: tuple[i
                      padded=padded and mode is not None)
 
 
-def _learned_upsampler(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The learned upsampler a concatenation input comes from, named, or None.
+def _not_interpolated(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a concatenation input that comes from an upsampling is not an upsampled input, or None.
 
-    A transposed conv or a pixel shuffle, behind normalization, activations,
-    pads and layout ops; or a conv whose output a reshape spreads over a
-    larger map (MONAI's pixel shuffle is a reshape and a permute).
+    Behind normalization, activations, pads and layout ops: a transposed conv
+    or a pixel shuffle, or a conv whose output a reshape spreads over a larger
+    map (MONAI's pixel shuffle is a reshape and a permute), is learned
+    upsampling; an interpolation with a normalization after it has the scale
+    that normalization sets.
     """
     size = _spatial(node)
+    norm: fx.Node | None = None
     source: fx.Node | None = node
     while source is not None:
         category = _category(gm, source)
+        learned = None
         if category == _TCONV:
-            return _named(gm, source, "a transposed conv")
-        if category == _SHUFFLE:
-            return _named(gm, source, "a pixel shuffle")
-        if category == _CONV:
+            learned = _named(gm, source, "a transposed conv")
+        elif category == _SHUFFLE:
+            learned = _named(gm, source, "a pixel shuffle")
+        elif category == _CONV:
             smaller = size is not None and (own := _spatial(source)) is not None and own < size
-            return _named(gm, source, "a conv") + " and a reshape that enlarges its map (a pixel shuffle)" \
-                if smaller else None
-        if category not in _TO_LEARNED:
+            if not smaller:
+                return None
+            learned = _named(gm, source, "a conv") + " and a reshape that enlarges its map (a pixel shuffle)"
+        elif category == _UPSAMPLE:
+            return None if norm is None else (
+                f"its upsampled input is normalized after the interpolation, by {_named(gm, norm, 'a norm')}, "
+                "which sets its scale")
+        elif category not in _TO_LEARNED:
             return None
+        if learned is not None:
+            return (f"its upsampled input comes from {learned} (learned upsampling, not interpolation: not a site "
+                    "by the paper's definition)")
+        if category == _NORM and norm is None:
+            norm = source
         source = _source(gm, source)
     return None
 

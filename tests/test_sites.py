@@ -586,6 +586,27 @@ def test_a_prelu_after_learned_upsampling_is_looked_through(frontend: str) -> No
     assert skipped.reason.startswith("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling")
 
 
+class UpsampleThenNorm(nn.Module):
+    """x ── a ──┐;  x ── pool ── b ── interpolate ── BN ──┴─ cat ── fuse: the BN sets the branch's scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.bn, self.fuse = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), \
+            nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.bn(F.interpolate(self.b(F.avg_pool2d(x, 2)), scale_factor=2.0))
+        return self.fuse(torch.cat([self.a(x), up], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
+def test_a_norm_after_the_interpolation_is_named_not_blamed_on_a_pixel_shuffle(frontend: str) -> None:
+    (skipped,) = find_sites(capture(UpsampleThenNorm(), X, frontend=frontend, deployable=False).module).skipped
+    assert skipped.reason == ("its upsampled input is normalized after the interpolation, by a BatchNorm2d at bn, "
+                              "which sets its scale")
+    assert skipped.fix == "pass all_concats=True to equalize it"
+
+
 def test_the_no_site_warning_gives_each_fix_once() -> None:
     class Both(nn.Module):  # two skipped concatenations with the same fix
         def __init__(self) -> None:
@@ -628,4 +649,5 @@ def test_a_parameter_held_by_two_modules_is_a_tie() -> None:
     model.other.weight = model.fuse.weight  # a tie the graph never shows: `other` is never called
     search = find_sites(capture(model, X).module, model=model)
     assert not search.sites
-    assert "its conv fuse shares parameter fuse.weight with other.weight (tied parameters)" in search.skipped[0].reason
+    assert search.skipped[0].reason == ("its conv fuse (Conv2d) shares parameter fuse.weight with other.weight (tied "
+                                        "parameters); rescaling it would change those too")

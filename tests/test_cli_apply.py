@@ -55,6 +55,7 @@ def test_apply_writes_bitwise_what_convert_wrote(run: dict[str, Path], tmp_path:
     result = run_main("apply", run["source"], *MODEL, "--report", run["report"], "-o", output)
     assert result.returncode == 0, result.stderr
     assert f"wrote {output} (rescaled fuse with the statistics in {run['report']};" in result.stdout
+    assert output.read_bytes() == run["converted"].read_bytes()  # the file, not only its tensors (README)
     applied, converted = torch.load(output, weights_only=True), torch.load(run["converted"], weights_only=True)
     assert applied.keys() == converted.keys()
     assert all(torch.equal(applied[k], converted[k]) for k in converted)

@@ -311,12 +311,17 @@ def _appeared() -> Iterator[None]:
 
 
 def _write_state_dict(state: Mapping[str, torch.Tensor], file: Path, suffix: str) -> None:
-    """safetensors or torch.save by ``suffix``; safetensors refuses shared storage, so it gets contiguous copies."""
+    """safetensors or torch.save by ``suffix``; safetensors refuses shared storage, so it gets contiguous copies.
+
+    torch.save is given an open file, not the (temporary) path: from a path it names the archive's root
+    folder after the file, so the same tensors would give other bytes under another name.
+    """
     if suffix == ".safetensors":
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
         safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
     else:
-        torch.save(dict(state), file)
+        with open(file, "wb") as f:
+            torch.save(dict(state), f)
 
 
 def _check_suffix(path: Path) -> None:

@@ -525,8 +525,9 @@ def test_version(cli: Run) -> None:
 
 def test_no_command_prints_the_usage(cli: Run) -> None:
     result = cli()
-    assert_fails(result, 2, "no command given", "expected one of convert, apply, inspect, demo", "fxeq COMMAND --help")
-    assert result.stderr.startswith("usage: fxeq ")
+    assert result.returncode == 2
+    assert result.stderr == ("fxeq: error: no command given; expected one of convert, apply, inspect, demo (fxeq "
+                             "--help shows the commands)\n")
 
 
 # ---------------------------------------------------------------------------
@@ -655,8 +656,8 @@ def test_an_image_or_text_file_as_checkpoint_is_not_one(name: str, kind: str, cl
 def test_a_missing_model_prints_converts_usage(cli: Run, ckpt: Path, images: Path) -> None:
     result = cli("convert", ckpt, "--calib", images, "-o", "out.pt")
     assert result.returncode == 2
-    assert result.stderr.startswith("usage: fxeq convert ")
-    assert "fxeq: error: --model is required for a checkpoint file" in result.stderr
+    assert result.stderr.startswith("fxeq: error: --model is required for a checkpoint file")
+    assert result.stderr.endswith("(fxeq convert --help shows the arguments)\n") and result.stderr.count("\n") == 1
 
 
 def test_quiet_prints_no_notes_but_the_report(cli: Run, ckpt: Path, images: Path) -> None:

@@ -161,6 +161,13 @@ def test_a_std_below_min_std_names_the_flag(ckpt: Path, calib: Path, tmp_path: P
 # Values the parser refuses, naming the flag
 # ---------------------------------------------------------------------------
 
+def test_a_negative_value_is_shown_how_to_write_it(tmp_path: Path) -> None:
+    result = run_main("inspect", "--model", "cli_models:TinyFuse", "--calib", tmp_path, "--std", "-0.2,0.2,0.2")
+    assert result.returncode == 2
+    assert result.stderr == ("fxeq: error: argument --std: expected one argument; a value that starts with "
+                             "'-' is written --std=-VALUE (fxeq inspect --help shows the arguments)\n")
+
+
 @pytest.mark.parametrize(("flag", "value", "words"), [
     ("--model", "segmentation_models_pytorch.UPerNet",
      "argument --model: expected MODULE:CALLABLE, e.g. segmentation_models_pytorch:UPerNet, got "
@@ -184,7 +191,8 @@ def test_a_bad_value_names_its_flag(flag: str, value: str, words: str, tmp_path:
     args = {"--model": "cli_models:TinyFuse", "--calib": str(tmp_path), flag: value}
     result = run_main("inspect", *[x for kv in args.items() for x in kv])
     assert_fails(result, 2, words)
-    assert result.stderr.startswith("usage: fxeq inspect ")
+    assert result.stderr.startswith("fxeq: error: ") and result.stderr.count("\n") == 1  # one line
+    assert result.stderr.endswith("(fxeq inspect --help shows the arguments)\n")
 
 
 @pytest.mark.parametrize(("args", "words"), [

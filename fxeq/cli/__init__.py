@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.error("no command given; expected one of convert, apply, inspect, demo (fxeq COMMAND --help "
-                         "shows its arguments)")
+            parser.error("no command given; expected one of convert, apply, inspect, demo")
         command = subcommand_parser(parser, args.command)
         if ranks()[1] > 1 and args.command not in _DISTRIBUTED:
             command.error(f"fxeq {args.command} runs in one process: under torchrun, only "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
+import re
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,11 +25,17 @@ DEMO_MIN_SIZE = 9
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors read ``fxeq: error: ...`` like every other error."""
+    """argparse whose usage errors are one line, ``fxeq: error: ...``, like every other error.
+
+    The usage (a screen of options) is left to ``--help``, which the line names.
+    """
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"fxeq: error: {message}\n")
+        missing = re.fullmatch(r"argument (--[\w-]+): expected one argument", message)
+        if missing:  # argparse reads "-0.2,0.2" as an option, not as the flag's value
+            message += f"; a value that starts with '-' is written {missing.group(1)}=-VALUE"
+        shows = "the commands" if " " not in self.prog else "the arguments"
+        self.exit(2, f"fxeq: error: {message} ({self.prog} --help shows {shows})\n")
 
 
 def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

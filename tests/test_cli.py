@@ -699,6 +699,9 @@ def test_inspect_of_a_converted_chained_model_gives_the_same_stds(tmp_path: Path
     after = run_main("inspect", tmp_path / "eq.pt", *model, *data, "--json")
     assert "equalized by fxeq" in after.stderr
     after_report = json.loads(after.stdout)
+    # measured in one pass on weights that hold every upstream fold: exact, and the report says so
+    assert after_report["calibration"]["passes"] == 1 and not after_report["calibration"]["one_pass"]
+    assert after_report["calibration"]["semantics"] == "one site at a time, each measured after the folds upstream of it"
     assert len(before["sites"]) == 2 and before["sites"][1]["depends_on"]
     for a, b in zip(before["sites"], after_report["sites"], strict=True):
         for ia, ib in zip(a["inputs"], b["inputs"], strict=True):

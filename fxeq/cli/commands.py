@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -127,6 +128,11 @@ def _inspect(args: argparse.Namespace) -> int:
             # On an equalized checkpoint every upstream fold is in the weights already: measure the model as it
             # is (one pass), or the downstream sites would be measured after folding their upstream sites twice.
             _calibrated(args, loaded, prepared, one_pass=converted)
+            if converted and prepared.calibration is not None:
+                # that one pass is exact: each site is measured after the folds upstream of it, which the
+                # weights hold, so the report must not call downstream sites approximate
+                summary = dataclasses.replace(prepared.calibration.summary, one_pass=False)
+                prepared.calibration = dataclasses.replace(prepared.calibration, summary=summary)
     if is_rank_zero():
         report = prepared.report
         report.extra.update(_provenance(args, loaded, report, backend))

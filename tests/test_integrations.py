@@ -278,7 +278,8 @@ def test_hf_callback_warns_when_a_resumed_run_has_no_report(tmp_path: Path, capl
 
 
 def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     after = _hf_recorder()
     model = copy.deepcopy(hf_run.model)  # the mark survives deepcopy
     state = state_of(model)
@@ -287,6 +288,8 @@ def test_hf_callback_leaves_an_equalized_model_alone(hf_run: SimpleNamespace, tm
         trainer.train()
     assert callback.report is None
     assert "not equalizing again: conv decode_head.linear_fuse was already equalized by fxeq" in caplog.text
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fxeq:")]
+    assert len(printed) == 1 and printed[0].startswith("fxeq: not equalizing again: conv decode_head.linear_fuse")
     _assert_same(after.state, state)
     assert not (tmp_path / "fxeq.json").exists()
 
@@ -448,7 +451,8 @@ def test_lightning_callback_leaves_a_resumed_run_alone(pl_run: SimpleNamespace, 
 
 
 def test_lightning_callback_leaves_an_equalized_model_alone(pl_run: SimpleNamespace, tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     ScaleEqualization = _pl_callback()
     module = copy.deepcopy(pl_run.module)
     state = state_of(module)
@@ -457,6 +461,8 @@ def test_lightning_callback_leaves_an_equalized_model_alone(pl_run: SimpleNamesp
         _pl_trainer(tmp_path, [callback, after]).fit(module, _pl_loader())
     assert callback.report is None
     assert "not equalizing again: conv net.fuse1 was already equalized by fxeq" in caplog.text
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fxeq:")]
+    assert len(printed) == 1 and printed[0].startswith("fxeq: not equalizing again: conv net.fuse1")
     _assert_same(after.state, state)
 
 

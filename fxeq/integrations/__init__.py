@@ -58,7 +58,7 @@ from ..pipeline import transform
 from ..report import Report
 from ..rewrite import check_not_equalized
 
-__all__ = ["lightning_checkpoint_report", "scalars", "summary"]
+__all__ = ["left_alone", "lightning_checkpoint_report", "scalars", "summary"]
 
 _logger = logging.getLogger(__name__)
 
@@ -120,24 +120,25 @@ def _equalize(
     all_concats: bool,
     progress: bool | None,
     doubt: str | None = None,
+    main: bool = True,
 ) -> Report | None:
     """Equalize ``model`` in place on the first batches of ``loader``; None when it must be left alone.
 
     ``doubt`` is a warning logged when the model is about to be equalized: a
     reason to suspect, which fxeq cannot confirm, that its weights already
-    were. Every rank must call this with the same ``resumed_at`` and an
-    equally equalized model, since calibration merges statistics across ranks.
+    were. ``main``: this is the process that speaks (rank 0); when the model
+    is left alone, it prints why, in one line. Every rank must call this with
+    the same ``resumed_at`` and an equally equalized model, since calibration
+    merges statistics across ranks.
     """
     if resumed_at > 0:
-        _logger.info(
-            "fxeq: training resumes at step %d, so the weights come from a checkpoint: they were equalized "
-            "before step 0 of the original run, if at all; not equalizing again.", resumed_at,
-        )
+        left_alone(f"fxeq: training resumes at step {resumed_at}, so the weights come from a checkpoint: they were "
+                   "equalized before step 0 of the original run, if at all; not equalizing again.", main)
         return None
     try:
         check_not_equalized(unwrap(model))
     except AlreadyEqualizedError as e:
-        _logger.info("fxeq: not equalizing again: %s", e)
+        left_alone(f"fxeq: not equalizing again: {e}", main)
         return None
     if doubt is not None:
         _logger.warning("%s", doubt)
@@ -207,6 +208,13 @@ std before: 2.00 (head.fuse); report: run/fxeq.json'
     at = f"; report: {where}" if where is not None else ""
     return (f"fxeq: equalized {plural(len(sites), 'fusion site')}{took} before the first optimizer step "
             f"(mode {report.mode}){worst}{at}")
+
+
+def left_alone(line: str, main: bool = True) -> None:
+    """Say, in one line on the console (rank 0) and in the log, why the callback leaves the model alone."""
+    _logger.info("%s", line)
+    if main:
+        _print_line(line)
 
 
 def _print_line(line: str) -> None:

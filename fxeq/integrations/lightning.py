@@ -58,7 +58,9 @@ from ..errors import CaptureError
 from ..modes import Mode
 from ..report import FOLDER_REPORT, Report, write_report
 from ..rewrite import mark_folded
-from . import _check_options, _equalize, _print_line, _requires, lightning_checkpoint_report, scalars, summary
+from . import (
+    _check_options, _equalize, _print_line, _requires, left_alone, lightning_checkpoint_report, scalars, summary,
+)
 
 with _requires(__name__, "Lightning (lightning.pytorch)", "lightning"):
     import lightning.pytorch as pl
@@ -166,7 +168,8 @@ class ScaleEqualization(pl.Callback):
         resumed_at = trainer.global_step
         restored, self._restored = self._restored, False
         if restored and resumed_at == 0:
-            _logger.info("fxeq: the checkpoint being resumed records fxeq's report; not equalizing again.")
+            left_alone("fxeq: the checkpoint being resumed records fxeq's report; not equalizing again.",
+                       trainer.is_global_zero)
             return
         path = self._report_file(trainer)
         try:
@@ -174,7 +177,7 @@ class ScaleEqualization(pl.Callback):
                 model, loader, resumed_at=resumed_at, num_batches=self.num_batches, input_fn=self.input_fn,
                 mode=self.mode, keep_norm=self.keep_norm, frontend=self.frontend, all_concats=self.all_concats,
                 progress=None if trainer.is_global_zero else False,
-                doubt=_earlier_report(path) if trainer.is_global_zero else None,
+                doubt=_earlier_report(path) if trainer.is_global_zero else None, main=trainer.is_global_zero,
             )
         except CaptureError as e:
             if self.submodule is not None:

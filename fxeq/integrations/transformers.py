@@ -199,7 +199,7 @@ class ScaleEqualizationCallback(TrainerCallback):
             model, loader, resumed_at=state.global_step, num_batches=self.num_batches, input_fn=self.input_fn,
             mode=self.mode, keep_norm=self.keep_norm, frontend=self.frontend, all_concats=self.all_concats,
             progress=None if state.is_world_process_zero and not args.disable_tqdm else False,
-            doubt=_unknown_origin(model) if state.is_world_process_zero else None,
+            doubt=_unknown_origin(model) if state.is_world_process_zero else None, main=state.is_world_process_zero,
         )
         if report is None:
             self._keep_resumed_report(state, path, output_dir)

@@ -138,7 +138,9 @@ def _panel(ax: Any, report: Any, site: Any, folded: Mapping[tuple[str, int], flo
     ax.set_xscale("log")
     low, high = min(*stds, *after), max(*stds, *after)
     ax.set_xlim(low / 1.5, high * 1.6)
-    ax.set_xticks([t for t in _TICKS if low / 1.5 <= t <= high * 1.6] or [1.0])
+    ticks = [t for t in _TICKS if low / 1.5 <= t <= high * 1.6]
+    if len(ticks) >= 2:  # else matplotlib's own log ticks, for a range beyond the table's
+        ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter("{x:g}")
     ax.xaxis.set_minor_formatter("")
     for y, value in zip(rows, stds, strict=True):
@@ -152,13 +154,16 @@ def _panel(ax: Any, report: Any, site: Any, folded: Mapping[tuple[str, int], flo
     ratio = max(stds) / min(stds)
     ratio_after = max(after) / min(after)
     convs = ", ".join(c.module or "<root>" for c in site.convs)
-    chained = f", calibrated after {', '.join(site.depends_on)}" if site.depends_on else ""
+    after_sites = ", ".join(site.depends_on[:2]) + (f" and {len(site.depends_on) - 2} more"
+                                                    if len(site.depends_on) > 2 else "")
+    chained = f", calibrated after {after_sites}" if site.depends_on else ""  # a title that fits its panel
     after_text = f"{ratio_after:.2f}" + (f" ({how})" if how == "once folded" else " (approximate)" if how else "")
     ax.set_title(f"{convs}  (site {site.name}{chained})\nstd max/min {ratio:.2f} before → {after_text} after",
                  fontsize=9, loc="left")
 
 
-_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0,
+          1000.0)
 
 
 def _label(inp: Any) -> str:

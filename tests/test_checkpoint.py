@@ -212,14 +212,14 @@ def test_without_hard_links_an_exclusive_create_claims_the_name(
 
 _SLOW_WRITER = """
 import sys, time
-from pathlib import Path
 import torch
 from fxeq import files
 from fxeq.cli import hf, outputs
 from fxeq.report import FOLDER_REPORT, report_path
 
-def slow_save(obj, file):
-    Path(file).write_bytes(b"the first bytes of a large checkpoint")
+def slow_save(obj, file):  # torch.save, given the open temporary file
+    file.write(b"the first bytes of a large checkpoint")
+    file.flush()
     print("writing", flush=True)
     time.sleep(60)
 

@@ -26,9 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report"]
+from ._text import factor
 
-_PLOT_EXTRA = "pip install -e '.[plot]' (in your clone of fxeq)"
+__all__ = ["PLOT_EXTRA", "plot_report"]
+
+PLOT_EXTRA = "pip install -e '.[plot]' (in your clone of fxeq)"
 _LABEL = 34  # characters of a producer kept beside its bars
 _COLOURS = {"upsampled": "#d95f02", "kept": "#1b9e77", "after": "#7570b3"}
 
@@ -73,7 +75,7 @@ def plot_report(
         from matplotlib.lines import Line2D  # noqa: PLC0415
         from matplotlib.patches import Patch  # noqa: PLC0415
     except ImportError as e:
-        raise ImportError(f"drawing the report needs matplotlib, which is not installed: {_PLOT_EXTRA}") from e
+        raise ImportError(f"drawing the report needs matplotlib, which is not installed: {PLOT_EXTRA}") from e
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"the plot is written as PNG; end its path with .png, got {target.name!r}")
@@ -169,13 +171,7 @@ _TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10
 def _label(inp: Any) -> str:
     """Two lines: index, producer; upsampling and channels."""
     producer = inp.producer if len(inp.producer) <= _LABEL else "…" + inp.producer[-(_LABEL - 1):]
-    up = f"{inp.upsample} x{_factor(inp.scale)}" if inp.upsample else "not upsampled"
+    up = f"{inp.upsample} x{factor(inp.scale)}" if inp.upsample else "not upsampled"
     if inp.padded:
         up += ", padded"
     return f"{inp.index}: {producer}\n{up}, ch {inp.channels[0]}:{inp.channels[1]}"
-
-
-def _factor(scale: tuple[float, ...] | None) -> str:
-    if not scale:
-        return "?"
-    return f"{scale[0]:.3g}" if len(set(scale)) == 1 else "/".join(f"{s:.3g}" for s in scale)

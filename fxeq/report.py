@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from ._text import plural
+from ._text import factor, plural
 from ._version import versions
 from .files import write_json
 from .fold import folds_mean
@@ -417,7 +417,7 @@ class Report:
             )
             for inp in site.inputs:
                 stat = self.stats.get((site.name, inp.index))
-                up = f"{inp.upsample} x{_scale(inp.scale)}" if inp.upsample else "-"
+                up = f"{inp.upsample} x{factor(inp.scale)}" if inp.upsample else "-"
                 mean, std, samples = (
                     (f"{stat.mean:.4g}", f"{stat.std:.4g}", str(stat.samples)) if stat else ("-", "-", "-")
                 )
@@ -448,11 +448,3 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _scale(scale: tuple[float, ...] | None) -> str:
-    if not scale:
-        return "?"
-    if len(set(scale)) == 1:
-        return f"{scale[0]:.3g}"
-    return "/".join(f"{s:.3g}" for s in scale)

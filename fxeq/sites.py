@@ -806,7 +806,7 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
              ) -> Site | Skipped:
     tensors, nested = _flatten(gm, cat)
     inputs: list[SiteInput] = []
-    learned_by: list[str] = []
+    not_upsampled: list[str] = []
     start = 0
     for index, tensor in enumerate(tensors):
         in_shape = _shape(tensor)
@@ -815,9 +815,9 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
         width = in_shape[1]
         if width > 0:
             inputs.append(_site_input(gm, tensor, index, (start, start + width)))
-            learned = _not_interpolated(gm, tensor)
-            if learned is not None:
-                learned_by.append(learned)
+            why = _not_interpolated(gm, tensor)
+            if why is not None:
+                not_upsampled.append(why)
         start += width
 
     convs, elsewhere = _fusing_conv_nodes(gm, cat)
@@ -829,8 +829,8 @@ def _site_at(gm: fx.GraphModule, cat: fx.Node, shared: Mapping[str, tuple[str, .
         return Skipped(cat.name, "it does not feed a conv (it feeds: "
                        + (", ".join(elsewhere) or "the output") + ")")
     if not all_concats and not any(i.upsample for i in inputs):
-        if learned_by:
-            return Skipped(cat.name, learned_by[0], _ALL_CONCATS)
+        if not_upsampled:
+            return Skipped(cat.name, not_upsampled[0], _ALL_CONCATS)
         return Skipped(cat.name, "no input comes from an upsampling op (same-resolution features)", _ALL_CONCATS)
     fusing: list[FusingConv] = []
     for conv in convs:

@@ -29,6 +29,7 @@ from .._version import versions
 from ..errors import CaptureError
 from ..files import place, staged
 from ..pipeline import Prepared, calibrate, convert, prepare
+from ..plot import PLOT_EXTRA
 from ..replay import apply as apply_report
 from ..report import FOLDER_REPORT, Report, converted_report, report_path
 from . import checkpoints, hf, outputs
@@ -44,7 +45,6 @@ _DEMO_MARKER = ".fxeq-demo"
 _DEMO_MODEL = "torchvision.models.segmentation:deeplabv3_resnet50"
 _DEMO_KWARGS = {"weights": None, "weights_backbone": None, "num_classes": 21}
 _DEMO_IMAGES = "generated-calibration-images"
-_PLOT_EXTRA = "pip install -e '.[plot]' (in your clone of fxeq)"
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def _check_plot(args: argparse.Namespace, *inputs_and_outputs: Path | None) -> N
             raise UsageError(f"--plot {plot} is {'inside ' if where != given.resolve() else ''}{given}, an input "
                              "or output of this command, which the plot would change; write it elsewhere")
     if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"--plot needs matplotlib, which is not installed: {_PLOT_EXTRA}; or leave --plot out")
+        raise UsageError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}; or leave --plot out")
 
 
 def _plot(args: argparse.Namespace, report: Report, title: str,

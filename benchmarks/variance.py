@@ -53,7 +53,9 @@ from fxeq.observe import SiteObservers
 from fxeq.report import Report
 from fxeq.sites import Site
 
-from _common import Option, build_model, describe_model, markdown_table, parser, random_images, start
+from _common import (
+    Option, build_model, describe_model, find_options, markdown_table, parser, random_images, start,
+)
 
 __all__ = ["closed_form", "disequilibrium", "even_formula", "iid_ratios", "main", "paper_ratios", "slice_stds"]
 
@@ -145,7 +147,7 @@ def disequilibrium(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     calibration = random_images(args.calib_batches, args.batch, args.size, seed=args.seed + 1)
     fresh = random_images(args.fresh_batches, args.batch, args.size, seed=args.seed + 2)
     equalized = copy.deepcopy(model)
-    report: Report = fxeq.transform(equalized, calibration, inplace=True).fxeq_report
+    report: Report = fxeq.transform(equalized, calibration, inplace=True, **find_options(name)).fxeq_report
     before = slice_stds(model, report.search.sites, fresh)
     after = slice_stds(equalized, report.search.sites, fresh)
     rows = []

@@ -29,7 +29,7 @@ theirs do. The files are written again after every run (marked partial until
 the last), and ``--budget-s`` starts no new run once that many seconds have
 passed, so that a run under a time limit keeps what it trained.
 
-Run ``python benchmarks/train_quality.py --help`` for the options.
+Run ``python experiments/train_quality.py --help`` for the options.
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ frontends produce graphs, one table (:data:`FRONTENDS`) describes them:
 
 * ``"fx"``: :func:`torch.fx.symbolic_trace`. Fast and shape-generic, keeps
   ``call_module`` nodes, but fails on models whose ``forward`` branches on
-  tensor shapes (19 of 21 segmentation-models-pytorch models).
+  tensor shapes (every segmentation-models-pytorch decoder but Unet).
 * ``"export"``: :func:`torch.export.export`. Its graph holds aten ops whose
   weights are ``get_attr`` nodes named after the original parameters, which
   it shares with the model. It is exported static by default: symbolic
-  heights and widths cost minutes on some models, and a symbolic batch size
+  heights and widths cost minutes on a small Swin UperNet, and a symbolic batch size
   alone several times a static export on a small Swin UperNet (see
   ``benchmarks/results/capture_cost-cpu.md``). The returned module is
   therefore specialized to the example's shape, and says so clearly, with

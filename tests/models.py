@@ -5,7 +5,8 @@ Each model's docstring draws it. Inputs are ``(N, 3, 16, 16)`` unless said.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,14 @@ def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Whether ``model``'s state_dict has exactly these keys and values."""
     now = model.state_dict()
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@contextlib.contextmanager
+def leaves_unchanged(model: nn.Module) -> Iterator[None]:
+    """Assert on leaving the block that ``model``'s state_dict is what it was on entering it (keys and values)."""
+    before = state_of(model)
+    yield
+    assert same_state(model, before), "the model's state changed"
 
 
 def batches(n: int = 3, size: int = 16, batch: int = 4, seed: int = 0,

@@ -28,7 +28,6 @@ from fxeq.report import Report, report_path
 MODEL = ["--model", "cli_models:TinyFuse", "--model-kwargs", '{"classes": 3}']
 DATA = ["--size", "32", "--batch-size", "2", "--quiet"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

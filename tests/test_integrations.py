@@ -36,7 +36,6 @@ pytestmark = [
     # Lightning 2.6's own pytree helper on torch 2.14, and its note on resuming mid-epoch: not fxeq's
     pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-    pytest.mark.usefixtures("one_thread"),
     pytest.mark.slow,
 ]
 

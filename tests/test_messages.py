@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import TwoBranch, Untraceable, batches, same_state, state_of
+from models import TwoBranch, Untraceable, batches, leaves_unchanged
 from torch import nn
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
@@ -31,7 +31,6 @@ from fxeq.report import FOLDER_REPORT, Report
 from fxeq.rewrite import equalize
 from fxeq.sites import FusingConv, Site, SiteInput, find_sites
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------
@@ -152,25 +151,23 @@ def test_finalize_warns_that_a_strided_transposed_conv_keeps_its_mean() -> None:
 
 def test_the_concrete_frontend_needs_inplace() -> None:
     model = TwoBranch()
-    before = state_of(model)
-    with pytest.raises(ValueError, match=r"^frontend='concrete' records one eager forward, which finds the sites but "
-                                         r"is no graph to deploy; pass inplace=True to rewrite your model itself, or "
-                                         r"frontend='auto' for a deployable graph$"):
+    with leaves_unchanged(model), pytest.raises(
+            ValueError, match=r"^frontend='concrete' records one eager forward, which finds the sites but "
+                              r"is no graph to deploy; pass inplace=True to rewrite your model itself, or "
+                              r"frontend='auto' for a deployable graph$"):
         fxeq.prepare(model, batches(1)[0], frontend="concrete")
-    assert same_state(model, before)
     fxeq.prepare(model, batches(1)[0], frontend="concrete", inplace=True)  # the negative twin
 
 
 def test_a_model_only_the_concrete_trace_captures_says_to_pass_inplace() -> None:
     model = Untraceable()
-    before = state_of(model)
-    with pytest.raises(fxeq.CaptureError, match=r"(?s)^could not capture Untraceable as a graph; tried fx, export:\n"
-                                                r".*\nA concrete trace of one eager forward works and finds 1 fusion "
-                                                r"site, but it is no graph to deploy\. Pass inplace=True: fxeq "
-                                                r"then rewrites your model itself") as caught:
+    with leaves_unchanged(model), pytest.raises(
+            fxeq.CaptureError, match=r"(?s)^could not capture Untraceable as a graph; tried fx, export:\n"
+                                     r".*\nA concrete trace of one eager forward works and finds 1 fusion "
+                                     r"site, but it is no graph to deploy\. Pass inplace=True: fxeq "
+                                     r"then rewrites your model itself") as caught:
         fxeq.transform(model, batches(), progress=False)
     assert caught.value.stage == "trace" and set(caught.value.failures) == {"fx", "export"}
-    assert same_state(model, before)
     assert fxeq.transform(model, batches(), inplace=True, progress=False) is model  # as the message says
 
 
@@ -309,37 +306,34 @@ def test_apply_names_a_probe_it_cannot_build() -> None:
     data = _two_branch_report()
     data["example"] = {"args": [{"type": "Image"}], "kwargs": {}}
     model = TwoBranch()
-    before = state_of(model)
-    with pytest.raises(fxeq.FxEqError, match=r"^cannot build a probe batch from the report's input shapes \(input "
-                                             r"args\[0\] \(of type Image\) was recorded by name only, so no input like "
-                                             r"it can be built; pass example inputs\); pass example_inputs=batch to "
-                                             r"fxeq\.apply$"):
+    with leaves_unchanged(model), pytest.raises(
+            fxeq.FxEqError, match=r"^cannot build a probe batch from the report's input shapes \(input "
+                                  r"args\[0\] \(of type Image\) was recorded by name only, so no input like "
+                                  r"it can be built; pass example inputs\); pass example_inputs=batch to "
+                                  r"fxeq\.apply$"):
         apply(model, data)
-    assert same_state(model, before)
     apply(model, data, example_inputs=batches(1)[0])  # as the message says
 
 
 def test_apply_names_example_inputs_it_cannot_capture_the_model_on() -> None:
     model = TwoBranch()
-    before = state_of(model)
-    with pytest.raises(fxeq.FxEqError, match=r"(?s)^could not capture the model to check that it concatenates the "
-                                             r"report's channel slices: TwoBranch does not run on the example "
-                                             r"batch \(float32 \(2, 5, 16, 16\);.*\nPass "
-                                             r"example_inputs=batch with a batch the model takes\.$"):
+    with leaves_unchanged(model), pytest.raises(
+            fxeq.FxEqError, match=r"(?s)^could not capture the model to check that it concatenates the "
+                                  r"report's channel slices: TwoBranch does not run on the example "
+                                  r"batch \(float32 \(2, 5, 16, 16\);.*\nPass "
+                                  r"example_inputs=batch with a batch the model takes\.$"):
         apply(model, _two_branch_report(), example_inputs=torch.zeros(2, 5, 16, 16))
-    assert same_state(model, before)
 
 
 def test_apply_refuses_a_plain_conv_where_the_report_has_a_transposed_one() -> None:
     data = fxeq.transform(TransposedFuse(), batches(), inplace=True, progress=False).fxeq_report.to_dict()
     model = TwoBranch()
     model.fuse = nn.Conv2d(8, 4, 2, stride=2)
-    before = state_of(model)
-    with pytest.raises(fxeq.FxEqError, match=r"^conv fuse \(site 'cat'\): expected a transposed conv weight \(in, "
-                                             r"out / groups, \*kernel\), found Conv2d of shape \(4, 8, 2, 2\)\. The "
-                                             r"model is not the one the report was written for"):
+    with leaves_unchanged(model), pytest.raises(
+            fxeq.FxEqError, match=r"^conv fuse \(site 'cat'\): expected a transposed conv weight \(in, "
+                                  r"out / groups, \*kernel\), found Conv2d of shape \(4, 8, 2, 2\)\. The "
+                                  r"model is not the one the report was written for"):
         apply(model, data)
-    assert same_state(model, before)
 
 
 # ---------------------------------------------------------------------------

@@ -120,8 +120,6 @@ def test_plot_after_is_what_the_conv_receives(tmp_path: Path) -> None:
     one_pass = fxeq.transform(Chained(), batches(2), progress=False, one_pass=True).fxeq_report
     assert _after(one_pass, one_pass.search.sites[1], None)[1] == "≈"
     assert _after(one_pass, one_pass.search.sites[0], None)[1] == ""
-    unfolded = fxeq.find(Chained(), batches(2)[0])
-    assert not unfolded.folded
     # a converted model measured again: after is the std now over the std the conversion folded
     folded = {k: 2 * v.std for k, v in report.stats.items()}
     after, how = _after(report, first, folded)
@@ -131,11 +129,18 @@ def test_plot_after_is_what_the_conv_receives(tmp_path: Path) -> None:
 
 
 def test_plot_leaves_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """A caller's backend (here pdf) stays; matplotlib.use("Agg") or importing pyplot would not leave it."""
     import matplotlib
 
-    before = matplotlib.get_backend()
-    fxeq.transform(TwoBranch(), batches(2), progress=False).fxeq_report.plot(tmp_path / "r.png")
-    assert matplotlib.get_backend() == before
+    previous = dict.__getitem__(matplotlib.rcParams, "backend")  # raw: reading it may resolve (import pyplot)
+    matplotlib.use("pdf")
+    pyplot_before = "matplotlib.pyplot" in sys.modules
+    try:
+        fxeq.transform(TwoBranch(), batches(2), progress=False).fxeq_report.plot(tmp_path / "r.png")
+        assert dict.__getitem__(matplotlib.rcParams, "backend") == "pdf"
+        assert pyplot_before or "matplotlib.pyplot" not in sys.modules
+    finally:
+        dict.__setitem__(matplotlib.rcParams, "backend", previous)
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -546,44 +548,18 @@ def test_a_resize_that_does_not_enlarge_is_no_upsampling(factor: float) -> None:
 
 
 class Learned(nn.Module):
-    """x ── a ──┐;  x ── pool ── ConvTranspose(s2) ── BN ── ReLU ──┴─ cat ── fuse(ConvTranspose when ``into``)."""
+    """x ── a ──┐;  x ── pool ── ConvTranspose(s2) ── BN ── ReLU (PReLU: MONAI UNet's up path) ──┴─ cat ── fuse
+    (a ConvTranspose when ``into``)."""
 
-    def __init__(self, into_transposed: bool = False) -> None:
+    def __init__(self, into_transposed: bool = False, prelu: bool = False) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 4, 1)
-        self.up = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+        after = [nn.PReLU()] if prelu else [nn.BatchNorm2d(4), nn.ReLU()]
+        self.up = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), *after)
         self.fuse = nn.ConvTranspose2d(8, 2, 3, padding=1) if into_transposed else nn.Conv2d(8, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([self.a(x), self.up(F.avg_pool2d(x, 2))], 1))
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
-def test_learned_upsampling_is_named_in_the_skip_reason(frontend: str) -> None:
-    (skipped,) = find_sites(capture(Learned(), X, frontend=frontend, deployable=False).module).skipped
-    assert skipped.reason == ("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling, not "
-                              "interpolation: not a site by the paper's definition)")
-    assert skipped.fix == "pass all_concats=True to equalize it"
-    assert skipped.text == f"{skipped.reason}; {skipped.fix}"
-
-
-class LearnedPReLU(nn.Module):
-    """x ── a ──┐;  x ── pool ── ConvTranspose(s2) ── PReLU ──┴─ cat ── fuse (MONAI UNet's up path, ADN)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 1)
-        self.up = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), nn.PReLU())
-        self.fuse = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([self.a(x), self.up(F.avg_pool2d(x, 2))], 1))
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
-def test_a_prelu_after_learned_upsampling_is_looked_through(frontend: str) -> None:
-    (skipped,) = find_sites(capture(LearnedPReLU(), X, frontend=frontend, deployable=False).module).skipped
-    assert skipped.reason.startswith("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling")
 
 
 class UpsampleThenNorm(nn.Module):
@@ -599,12 +575,22 @@ class UpsampleThenNorm(nn.Module):
         return self.fuse(torch.cat([self.a(x), up], 1))
 
 
+_LEARNED = ("its upsampled input comes from a ConvTranspose2d at up.0 (learned upsampling, not interpolation: not a "
+            "site by the paper's definition)")
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export", "concrete"])
-def test_a_norm_after_the_interpolation_is_named_not_blamed_on_a_pixel_shuffle(frontend: str) -> None:
-    (skipped,) = find_sites(capture(UpsampleThenNorm(), X, frontend=frontend, deployable=False).module).skipped
-    assert skipped.reason == ("its upsampled input is normalized after the interpolation, by a BatchNorm2d at bn, "
-                              "which sets its scale")
-    assert skipped.fix == "pass all_concats=True to equalize it"
+@pytest.mark.parametrize(("build", "reason"), [
+    (Learned, _LEARNED),
+    (lambda: Learned(prelu=True), _LEARNED),  # the PReLU is looked through, on every frontend
+    (UpsampleThenNorm, "its upsampled input is normalized after the interpolation, by a BatchNorm2d at bn, which "
+                       "sets its scale"),  # not blamed on a pixel shuffle
+], ids=["learned", "learned-prelu", "norm-after-interpolation"])
+def test_a_skip_names_why_its_upsampled_input_is_none_and_the_fix(build: Callable[[], nn.Module], reason: str,
+                                                                  frontend: str) -> None:
+    (skipped,) = find_sites(capture(build(), X, frontend=frontend, deployable=False).module).skipped
+    assert (skipped.reason, skipped.fix) == (reason, "pass all_concats=True to equalize it")
+    assert skipped.text == f"{reason}; pass all_concats=True to equalize it"
 
 
 def test_the_no_site_warning_gives_each_fix_once() -> None:

@@ -10,10 +10,13 @@ Captured with torch.export at 64x64 (batch 2, random weights, eval mode).
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
+import torchvision
 
+import fxeq
 from fxeq.capturing import capture
 from fxeq.sites import find_sites
 
@@ -60,3 +63,30 @@ def test_smp_sites_are_found(arch: str, kwargs: dict[str, str], upsampled: int,
         assert [i.index for i in site.inputs] == list(range(len(site.inputs)))
         flags = [i.upsample is not None for i in site.inputs]
         assert flags == [True] * upsampled + [False] * (len(flags) - upsampled)
+
+
+_OTHERS = [
+    # smp: the default FPN, Linknet and PAN fuse by addition; DPT concatenates tokens; DeepLabV3's ASPP projection
+    pytest.param(lambda: smp.FPN("resnet18", encoder_weights=None), 64, [], ["no conv"], id="smp-FPN-add"),
+    pytest.param(lambda: smp.Linknet("resnet18", encoder_weights=None), 64, [], ["no conv"], id="smp-Linknet"),
+    pytest.param(lambda: smp.PAN("resnet18", encoder_weights=None), 128, [], ["no conv"], id="smp-PAN"),
+    pytest.param(lambda: smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, dynamic_img_size=True), 224, [],
+                 ["not a channel concatenation"], id="smp-DPT"),
+    pytest.param(lambda: smp.DeepLabV3("resnet18", encoder_weights=None), 64, ["decoder.aspp.project.0"], [],
+                 id="smp-DeepLabV3"),
+    # torchvision: FCN and LR-ASPP concatenate nothing
+    pytest.param(lambda: torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None), 64, [],
+                 ["no conv"], id="torchvision-FCN"),
+    pytest.param(lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None), 64, [], ["no conv"], id="torchvision-LRASPP"),
+]
+
+
+@pytest.mark.slow  # real models
+@pytest.mark.parametrize(("build", "size", "convs", "skips"), _OTHERS)
+def test_the_zoo_tables_rows_without_a_site(build: Any, size: int, convs: list[str], skips: list[str]) -> None:
+    """The README's zoo table: which models have no fusion site, and why ("no conv": no concatenation at all)."""
+    report = fxeq.find(build().eval(), torch.randn(2, 3, size, size))
+    assert [c.module for s in report.search.sites for c in s.convs] == convs
+    reasons = sorted({s.reason.split(" (")[0] for s in report.search.skipped})
+    assert reasons == [r for r in skips if r != "no conv"]

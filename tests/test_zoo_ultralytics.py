@@ -25,7 +25,7 @@ import fxeq
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="fxeq-ultralytics-"))
 tasks = pytest.importorskip("ultralytics.nn.tasks")
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 CASES = [
     # cfg/models/v8/yolov8.yaml, head 33-39: Upsample, Concat [-1, 6], C2f (12); Upsample, Concat [-1, 4], C2f (15)
